@@ -1,0 +1,340 @@
+"""The Recorder addon: streams every SSE/NDJSON response through a tap that stores each chunk.
+
+Hooks used, and why:
+- request: take the per-request session label (x-mitm-sse-session) off the request before it is forwarded.
+- responseheaders: the only point where a response can be switched to streaming; we set
+  flow.response.stream to a Tap, which stamps and enqueues each chunk and returns it unchanged.
+- response / error: the reliable end of a stream (the tap also sees b"" at the end, twice over HTTP/2 on
+  mitmproxy 11, so it is not used as an end signal).
+- done: open streams end as proxy_shutdown and the writer flushes everything (SIGTERM, Ctrl-C, `q`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from mitmproxy import ctx, exceptions, flowfilter, http
+
+from .sse import stream_kind
+from .store import CaptureDir, StoreError, default_dir
+from .writer import CHUNK, END, OPEN, Writer, new_instance_id
+
+log = logging.getLogger("mitm_sse")
+
+SESSION_HEADER = "x-mitm-sse-session"
+DEFAULT_REDACT = "authorization,proxy-authorization,x-api-key,api-key,cookie,set-cookie,x-goog-api-key"
+DEFAULT_REDACT_PARAMS = "key,api_key,apikey,access_token,token,sig,signature"
+REDACTED = "[REDACTED]"
+MAX_BACKLOG_BYTES = 256 * 1024 * 1024  # beyond this, chunks pass through but only their size is stored
+MAX_REQUEST_BODY = 16 * 1024 * 1024
+
+
+def _split_names(value: str) -> frozenset[str]:
+    return frozenset(n.strip().lower() for n in value.split(",") if n.strip())
+
+
+def headers_json(headers: http.Headers, redact: frozenset[str]) -> str:
+    """JSON object of lower-cased names; repeated headers joined with ', '; redacted values replaced."""
+    out: dict[str, str] = {}
+    for name, value in headers.items(multi=True):
+        key = name.lower()
+        if key in redact:
+            value = REDACTED
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return json.dumps(out, ensure_ascii=False)
+
+
+def redact_query(url: str, params: frozenset[str]) -> tuple[str, str]:
+    """(url, query) with the values of secret query parameters replaced."""
+    parts = urlsplit(url)
+    if not parts.query or not params:
+        return url, parts.query
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(k.lower() in params for k, _ in pairs):
+        return url, parts.query
+    q = urlencode([(k, REDACTED if k.lower() in params else v) for k, v in pairs], safe="[]")
+    return urlunsplit(parts._replace(query=q)), q
+
+
+class Tap:
+    """flow.response.stream callable. Runs on mitmproxy's event loop: stamp, enqueue, return unchanged."""
+
+    __slots__ = ("sid", "put", "rec", "chain")
+
+    def __init__(self, sid: str, rec: Recorder, chain: Callable[[bytes], Any] | None) -> None:
+        self.sid = sid
+        self.put = rec.writer.q.put
+        self.rec = rec
+        self.chain = chain  # a stream callable set by another addon before us: it still runs, after us
+
+    def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
+        if data:
+            rec = self.rec
+            n = len(data)
+            if rec.enqueued_bytes - rec.writer.dequeued_bytes < MAX_BACKLOG_BYTES:
+                rec.enqueued_bytes += n
+                self.put((CHUNK, self.sid, time.time_ns(), data))
+            else:
+                self.put((CHUNK, self.sid, time.time_ns(), (n,)))
+        if self.chain is not None:
+            return self.chain(data)
+        return data
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.writer: Writer | None = None
+        self.capture: CaptureDir | None = None
+        self.filter: flowfilter.TFilter | None = None
+        self.redact: frozenset[str] = _split_names(DEFAULT_REDACT)
+        self.redact_params: frozenset[str] = _split_names(DEFAULT_REDACT_PARAMS)
+        self.enqueued_bytes = 0
+        self.open: dict[str, http.HTTPFlow] = {}
+        self._warned_dead = False
+
+    # ---- options ------------------------------------------------------------------------------------
+    def load(self, loader: Any) -> None:
+        loader.add_option("sse_dir", str, "", "Capture folder (default: $MITM_SSE_DIR or ~/.mitm-sse).")
+        loader.add_option("sse_filter", str, "", "mitmproxy filter expression limiting what is recorded.")
+        loader.add_option(
+            "sse_session",
+            str,
+            "",
+            f"Session label for recorded streams (request header {SESSION_HEADER} overrides).",
+        )
+        loader.add_option(
+            "sse_redact", str, DEFAULT_REDACT, "Comma-separated header names whose values never reach disk."
+        )
+        loader.add_option(
+            "sse_redact_params",
+            str,
+            DEFAULT_REDACT_PARAMS,
+            "Comma-separated URL query parameter names whose values never reach disk.",
+        )
+        loader.add_option(
+            "sse_record",
+            str,
+            "streams",
+            "What to record: 'streams' (SSE and NDJSON responses, plus non-streamed answers to requests that "
+            "asked for a stream, e.g. a 429), 'all' (also every other response matching sse_filter, whole), "
+            "'none' (pass-through).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        o = ctx.options
+        if "sse_filter" in updated:
+            if o.sse_filter:
+                try:
+                    self.filter = flowfilter.parse(o.sse_filter)
+                except ValueError as e:
+                    raise exceptions.OptionsError(
+                        f"sse_filter: invalid filter expression {o.sse_filter!r}: {e}"
+                    )
+            else:
+                self.filter = None
+        if "sse_redact" in updated:
+            self.redact = _split_names(o.sse_redact)
+        if "sse_redact_params" in updated:
+            self.redact_params = _split_names(o.sse_redact_params)
+        if "sse_record" in updated and o.sse_record not in ("streams", "all", "none"):
+            raise exceptions.OptionsError(f"sse_record must be streams, all or none, not {o.sse_record!r}")
+        if "sse_dir" in updated or self.writer is None:
+            path = o.sse_dir or str(default_dir())
+            cap = CaptureDir(path)
+            if self.capture is not None and cap.path == self.capture.path and self.writer is not None:
+                return
+            try:
+                cap.ensure()
+            except StoreError as e:
+                raise exceptions.OptionsError(f"sse_dir: {e}") from None
+            self._start_writer(cap)
+
+    def _start_writer(self, cap: CaptureDir) -> None:
+        if self.writer is not None:
+            self._close_all("proxy_shutdown", "capture folder changed")
+            self.writer.stop()
+        from .capture import write_views_db
+
+        self.capture = cap
+        self.writer = Writer(cap, new_instance_id())
+        self.enqueued_bytes = 0
+        try:
+            self.writer.start()
+        except (OSError, StoreError) as e:
+            self.writer = None
+            raise exceptions.OptionsError(f"sse_dir: cannot record into {cap.path}: {e}") from None
+        try:
+            write_views_db(cap)
+        except Exception as e:  # the Parquet files are the store; the views file is a convenience
+            log.warning("mitm-sse: could not write %s/capture.duckdb: %s", cap.path, e)
+        log.info("mitm-sse: recording SSE streams into %s", cap.path)
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def request(self, flow: http.HTTPFlow) -> None:
+        label = flow.request.headers.get(SESSION_HEADER)
+        if label is not None:
+            flow.metadata["mitm_sse.session"] = label
+            del flow.request.headers[SESSION_HEADER]
+
+    def _wanted(self, flow: http.HTTPFlow) -> bool:
+        if self.writer is None or ctx.options.sse_record == "none":
+            return False
+        if not self.writer.alive:
+            if not self._warned_dead:
+                log.error("mitm-sse: the writer is not running: streams pass through UNRECORDED")
+                self._warned_dead = True
+            return False
+        return self.filter is None or bool(self.filter(flow))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None:
+            return
+        kind = stream_kind(resp.headers.get("content-type"))
+        if kind is None or not self._wanted(flow):
+            return
+        # HEAD and 204/304 carry no body: nothing to tap (mitmproxy ends them at the headers).
+        if flow.request.method == "HEAD" or resp.status_code in (204, 304):
+            return
+        sid = self._open(flow, kind)
+        prev = resp.stream
+        resp.stream = Tap(sid, self, prev if callable(prev) else None)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        sid = flow.metadata.get("mitm_sse.stream_id")
+        if sid is not None:
+            self._end(flow, "complete", None)
+            return
+        if flow.response is None or flow.response.stream or not self._wanted(flow):
+            return
+        mode = ctx.options.sse_record
+        if mode == "all" or (mode == "streams" and self._asked_for_stream(flow)):
+            self._record_whole(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("mitm_sse.stream_id") is None:
+            return
+        msg = flow.error.msg if flow.error else "unknown error"
+        low = msg.lower()
+        if "client disconnected" in low or "client closed" in low:
+            reason = "client_disconnected"
+        elif "killed" in low:
+            reason = "killed"
+        else:
+            reason = "server_error"
+        self._end(flow, reason, msg)
+
+    def done(self) -> None:
+        if self.writer is None:
+            return
+        self._close_all("proxy_shutdown", "proxy stopped while the stream was open")
+        self.writer.stop()
+        self.writer = None
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _asked_for_stream(flow: http.HTTPFlow) -> bool:
+        if "text/event-stream" in flow.request.headers.get("accept", ""):
+            return True
+        ct = flow.request.headers.get("content-type", "")
+        if "json" in ct and b'"stream"' in (flow.request.raw_content or b""):
+            try:
+                body = json.loads(flow.request.raw_content)
+                return isinstance(body, dict) and body.get("stream") is True
+            except ValueError:
+                return False
+        return False
+
+    def _stream_row(self, flow: http.HTTPFlow, kind: str) -> dict[str, Any]:
+        req, resp = flow.request, flow.response
+        assert resp is not None
+        now = time.time_ns()
+        sid = f"{now:016x}{flow.id[:8]}"
+        url, query = redact_query(req.pretty_url, self.redact_params)
+        raw = req.raw_content
+        body_text = body_raw = None
+        if raw:
+            if len(raw) > MAX_REQUEST_BODY:
+                raw = raw[:MAX_REQUEST_BODY]
+            try:
+                body_text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                body_text = raw.decode("utf-8", "replace")
+                body_raw = raw
+        t_req = req.timestamp_end or req.timestamp_start
+        session = flow.metadata.get("mitm_sse.session", ctx.options.sse_session) or ""
+        return {
+            "stream_id": sid,
+            "session": session,
+            "kind": kind,
+            "method": req.method,
+            "scheme": req.scheme,
+            "url": url,
+            "host": req.pretty_host,
+            "port": req.port,
+            "path": req.path.split("?", 1)[0],
+            "query": query,
+            "status": resp.status_code,
+            "request_headers_json": headers_json(req.headers, self.redact),
+            "request_body": body_text,
+            "request_body_raw": body_raw,
+            "response_headers_json": headers_json(resp.headers, self.redact),
+            "content_type": resp.headers.get("content-type"),
+            "content_encoding": resp.headers.get("content-encoding"),
+            "http_version": resp.http_version,
+            "t_request_ns": int(t_req * 1e9) if t_req else None,
+            "t_headers_ns": now,
+            "model": _request_model(body_text),
+        }
+
+    def _open(self, flow: http.HTTPFlow, kind: str) -> str:
+        row = self._stream_row(flow, kind)
+        sid = row["stream_id"]
+        flow.metadata["mitm_sse.stream_id"] = sid
+        self.open[sid] = flow
+        self.writer.q.put((OPEN, row))
+        return sid
+
+    def _end(self, flow: http.HTTPFlow, reason: str, error: str | None) -> None:
+        sid = flow.metadata.pop("mitm_sse.stream_id", None)
+        if sid is None or self.open.pop(sid, None) is None or self.writer is None:
+            return
+        self.writer.q.put((END, sid, time.time_ns(), reason, error))
+
+    def _close_all(self, reason: str, error: str) -> None:
+        for flow in list(self.open.values()):
+            self._end(flow, reason, error)
+
+    def _record_whole(self, flow: http.HTTPFlow) -> None:
+        """A non-streamed response, stored as one chunk (mitmproxy already buffered it)."""
+        resp = flow.response
+        assert resp is not None
+        kind = stream_kind(resp.headers.get("content-type")) or "body"
+        row = self._stream_row(flow, kind)
+        t_headers = int(resp.timestamp_start * 1e9) if resp.timestamp_start else row["t_headers_ns"]
+        row["t_headers_ns"] = t_headers
+        sid = row["stream_id"]
+        put = self.writer.q.put
+        put((OPEN, row))
+        body = resp.raw_content or b""
+        t_end = int(resp.timestamp_end * 1e9) if resp.timestamp_end else time.time_ns()
+        if body:
+            self.enqueued_bytes += len(body)
+            put((CHUNK, sid, t_end, body))
+        put((END, sid, t_end, "complete", None))
+
+
+def _request_model(body: str | None) -> str | None:
+    if not body or '"model"' not in body:
+        return None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    m = obj.get("model") if isinstance(obj, dict) else None
+    return m if isinstance(m, str) else None
