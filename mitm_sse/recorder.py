@@ -134,7 +134,7 @@ class Recorder:
                 except ValueError as e:
                     raise exceptions.OptionsError(
                         f"sse_filter: invalid filter expression {o.sse_filter!r}: {e}"
-                    )
+                    ) from None
             else:
                 self.filter = None
         if "sse_redact" in updated:
@@ -183,6 +183,8 @@ class Recorder:
 
     def _wanted(self, flow: http.HTTPFlow) -> bool:
         if self.writer is None or ctx.options.sse_record == "none":
+            return False
+        if flow.metadata.get("mitm_sse.mocked"):  # answered by the Mock addon from a recording
             return False
         if not self.writer.alive:
             if not self._warned_dead:
