@@ -1,0 +1,67 @@
+"""Ollama native NDJSON (``/api/chat``, ``/api/generate``): one JSON object per line, ``done: true`` last."""
+
+from __future__ import annotations
+
+from .base import (
+    KIND_REASONING,
+    KIND_TEXT,
+    KIND_TOOL_CALL,
+    Decoder,
+    Part,
+    RequestInfo,
+    as_int,
+    error_text,
+    json_args,
+    loads,
+)
+
+
+class OllamaDecoder(Decoder):
+    provider = "ollama"
+
+    def __init__(self, info: RequestInfo) -> None:
+        super().__init__(info)
+        self._n_calls = 0  # tool calls arrive whole and unnumbered: number them for the reconstruction
+
+    def _decode(self, event: str, data: str) -> list[Part] | None:
+        obj = loads(data)
+        if not isinstance(obj, dict):
+            return None
+        return self._handle(event, obj)
+
+    def _handle(self, event: str, obj: dict) -> list[Part] | None:
+        model = obj.get("model")
+        if model and isinstance(model, str):
+            self.model = model
+        err = obj.get("error")
+        if err:
+            self.error = error_text(err)
+        if obj.get("done"):
+            n = as_int(obj.get("prompt_eval_count"))
+            if n is not None:
+                self.input_tokens = n
+            n = as_int(obj.get("eval_count"))
+            if n is not None:
+                self.output_tokens = n
+            reason = obj.get("done_reason")
+            if reason:
+                self.stop_reason = reason
+        msg = obj.get("message")
+        if isinstance(msg, dict):  # /api/chat
+            thinking, content, calls = msg.get("thinking"), msg.get("content"), msg.get("tool_calls")
+        else:  # /api/generate
+            thinking, content, calls = obj.get("thinking"), obj.get("response"), None
+        out: list[Part] = []
+        if thinking and isinstance(thinking, str):
+            out.append((KIND_REASONING, thinking, None))
+        if content and isinstance(content, str):
+            out.append((KIND_TEXT, content, None))
+        if calls:
+            for call in calls:
+                fn = call.get("function") or {}
+                key = self._n_calls
+                self._n_calls += 1
+                out.append(
+                    (KIND_TOOL_CALL, json_args(fn.get("arguments")), (key, call.get("id"), fn.get("name")))
+                )
+        return out
