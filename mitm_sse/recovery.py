@@ -25,9 +25,8 @@ def close_orphans(writer: Writer, instances: list[str]) -> int:
     try:
         con.execute(views_sql(writer.capture.snapshot()))
         inst = ", ".join("'" + i.replace("'", "''") + "'" for i in instances)
-        rows = (
-            con.execute(
-                f"""
+        cur = con.execute(
+            f"""
             WITH open AS (
                 SELECT * FROM streams WHERE instance IN ({inst}) AND end_reason IS NULL
             ), c AS (
@@ -40,10 +39,9 @@ def close_orphans(writer: Writer, instances: list[str]) -> int:
             SELECT open.*, c.n AS _n, c.b AS _b, c.t_last AS _t_last, c.t_first AS _t_first, e.n AS _e
             FROM open LEFT JOIN c USING (stream_id) LEFT JOIN e USING (stream_id)
             """
-            )
-            .fetch_arrow_table()
-            .to_pylist()
         )
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     finally:
         con.close()
     for r in rows:

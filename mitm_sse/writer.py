@@ -155,7 +155,9 @@ class Writer:
         try:
             self._startup()
         except Exception:
-            log.exception("mitm-sse: recovering earlier captures failed (recording goes on)")
+            # warning, not error: mitmproxy 12 exits when an error is logged during startup, and a failed
+            # recovery must not stop the proxy.
+            log.warning("mitm-sse: recovering earlier captures failed (recording goes on)", exc_info=True)
         get = self.q.get
         next_flush = time.monotonic() + self.flush_interval
         try:
