@@ -142,16 +142,24 @@ def _table(title: str | None, columns: Sequence[tuple[str, str]], rows: Sequence
     from rich.table import Table
 
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for head, justify in columns:
-        # Long free text (SQL cells, event data) folds; short fields (ids, hosts, numbers) stay on one line.
+    for i, (head, justify) in enumerate(columns):
+        # Long free text (paths, SQL cells, event data) folds; short fields (ids, numbers) keep their width,
+        # so a narrow terminal squeezes the free text, never a number.
         wrap = head in WRAPPING_COLUMNS
-        t.add_column(head, justify=justify, overflow="fold" if wrap else "ellipsis", no_wrap=not wrap)
+        longest = max((len(r[i]) for r in rows), default=0)
+        t.add_column(
+            head,
+            justify=justify,
+            overflow="fold" if wrap else "ellipsis",
+            no_wrap=not wrap,
+            min_width=None if wrap else min(longest, 30),
+        )
     for r in rows:
         t.add_row(*r)
     return t
 
 
-WRAPPING_COLUMNS = frozenset({"data / text"})
+WRAPPING_COLUMNS = frozenset({"data / text", "path"})
 
 
 def _output_mode(as_json: bool, as_csv: bool) -> str:
@@ -220,9 +228,9 @@ def ls_cmd(
         end = d["end_reason"]
         status = str(d["status"] or "")
         if end is None:
-            status += " (open)"
+            status += " open"
         elif end != "complete":
-            status += f" ({end})"
+            status += " " + SHORT_END.get(end, end)
         out.append(
             [
                 fmt_time(d["t_request_ns"]),
@@ -248,6 +256,14 @@ def ls_cmd(
         ("total", "right"),
     ]
     console.print(_table(None, cols_spec, out))
+
+
+SHORT_END = {
+    "client_disconnected": "client left",
+    "server_error": "server error",
+    "proxy_shutdown": "proxy stop",
+    "proxy_crashed": "proxy crash",
+}
 
 
 # ---- stats --------------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def test_sigkill_loses_at_most_last_second_and_restart_recovers(tmp_path):
         def run() -> None:
             try:
                 with _client(proxy) as c, c.stream("GET", f"http://127.0.0.1:{srv.port}/x") as r:
-                    for part in r.iter_raw():
+                    for _ in r.iter_raw():
                         received.append(time.monotonic())
             except httpx.HTTPError:
                 pass
