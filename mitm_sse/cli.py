@@ -305,16 +305,29 @@ STATS_TABLE = [  # (header, column) shown in the terminal; --json/--csv give eve
 ]
 
 
+STATS_TABLE_NARROW = [  # for terminals under 120 columns
+    ("streams", "streams"),
+    ("errors", "errors"),
+    ("TTFT\np50", summary_column("ttft_ms", "p50")),
+    ("TTFT\np99", summary_column("ttft_ms", "p99")),
+    ("ITL\np50", summary_column("itl_p50_ms", "p50")),
+    ("ITL\np99", summary_column("itl_p50_ms", "p99")),
+    ("tok/s\np50", summary_column("tokens_per_s", "p50")),
+    ("E2E\np50", summary_column("e2e_ms", "p50")),
+]
+
+
 def render_stats(
     console, by: Sequence[str], cols: list[str], rows: list[tuple], title: str | None = None
 ) -> None:
     """The stats table for people (also printed by `mitm-sse demo`)."""
-    spec = [(k, "left") for k in by] + [(h, "right") for h, _ in STATS_TABLE]
+    shown = STATS_TABLE if console.width >= 120 else STATS_TABLE_NARROW
+    spec = [(k, "left") for k in by] + [(h, "right") for h, _ in shown]
     out = []
     for r in rows:
         d = dict(zip(cols, r, strict=True))
         cells = [str(d[k]) if d[k] is not None else "" for k in by]
-        for _, c in STATS_TABLE:
+        for _, c in shown:
             v = d[c]
             if c in ("streams", "errors"):
                 cells.append(fmt_num(v))
