@@ -923,11 +923,13 @@ def record_cmd(
 
 @main.command("mock", context_settings=_PROXY_SETTINGS)
 @_proxy_options
-@click.option("--speed", help="Replay speed: 1 original timing, 2 twice as fast, 0 instant (sse_speed).")
 @click.option(
-    "--record-mode",
-    help="What to do with unmatched requests (sse_record_mode), e.g. none, new_episodes, all.",
+    "--mode",
+    type=click.Choice(["replay", "new", "all"]),
+    help="replay: recordings only; new: record misses, then replay them; all: forward and record (sse_mode).",
 )
+@click.option("--speed", help="Replay speed: 1 recorded timing, 2 twice as fast, 0 instant (sse_mock_speed).")
+@click.option("--miss", help="Answer to a request with no recording in replay mode: 404, 502 or forward.")
 @_user_errors
 def mock_cmd(
     dir_: Path | None,
@@ -938,22 +940,27 @@ def mock_cmd(
     sets: tuple[str, ...],
     dry_run: bool,
     mitm_args: tuple[str, ...],
+    mode: str | None,
     speed: str | None,
-    record_mode: str | None,
+    miss: str | None,
 ) -> None:
     """Answer matching requests from the capture with the recorded timing (mitmdump -s mock.py).
 
-    Arguments after -- go to mitmdump.
+    --session replays only that session's recordings. Arguments after -- go to mitmdump.
+
+    \b
+    mitm-sse mock --mode new --speed 0       # CI: replay instantly, record what is missing
     """
     opts: dict[str, str] = {}
-    if filter_:
-        opts["sse_filter"] = filter_
-    if session:
-        opts["sse_session"] = session
-    if speed is not None:
-        opts["sse_speed"] = speed
-    if record_mode is not None:
-        opts["sse_record_mode"] = record_mode
+    for key, val in (
+        ("sse_filter", filter_),
+        ("sse_mock_session", session),
+        ("sse_mode", mode),
+        ("sse_mock_speed", speed),
+        ("sse_mock_miss", miss),
+    ):
+        if val:
+            opts[key] = val
     opts.update(_parse_sets(sets))
     cmd = mitmdump_args("mock.py", dir_, host, port, opts, mitm_args)
     _launch(cmd, dry_run, f"mitm-sse: mocking from {_capture_dir(dir_)}; proxy on http://{host}:{port}")
