@@ -152,7 +152,7 @@ class RecordingProxy:
 def build_request(i: int, base_url: str) -> tuple[str, dict[str, str], dict[str, Any], str]:
     """(url, headers, json body, model) of the i-th demo request."""
     fmt, model = PLAN[i % len(PLAN)]
-    prompt = PROMPTS[(i // len(PLAN)) % len(PROMPTS)]
+    prompt = PROMPTS[(i + i // len(PLAN)) % len(PROMPTS)]  # every model meets every prompt
     with_tool = prompt is PROMPTS[2]
     max_tokens = 48
     if fmt == "openai":
