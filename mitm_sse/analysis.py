@@ -398,3 +398,45 @@ def plot_compare(df: pd.DataFrame, by: str, a: Any, b: Any, metric: str = "ttft_
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def two_groups(df: pd.DataFrame, by: str, a: Any = None, b: Any = None) -> tuple[Any, Any]:
+    """The two groups to compare: the ones given, else the two with the most streams (a = the larger)."""
+    counts = df[by].value_counts()
+    if a is None or b is None:
+        top = [g for g in counts.index if g != a and g != b]
+        if a is None:
+            a, top = top[0] if top else None, top[1:]
+        if b is None:
+            b = top[0] if top else None
+    if a is None or b is None or a == b:
+        raise ValueError(
+            f"need two different values of {by!r} to compare; the capture has {list(counts.index)}"
+        )
+    return a, b
+
+
+def describe_comparison(table: pd.DataFrame, a: Any, b: Any) -> str:
+    """One sentence per metric: is b faster or slower than a, and is the difference beyond noise?"""
+    lines = []
+    for _, r in table.iterrows():
+        unit = "" if r["metric"] == "tokens_per_s" else " ms"
+        name = LABELS.get(r["metric"], r["metric"])
+        verdict = (
+            f"{b} is {'higher' if r['diff'] > 0 else 'lower'} by {abs(r['diff']):.1f}{unit}"
+            if r["significant"]
+            else "no difference beyond noise"
+        )
+        lines.append(
+            f"{name}: median {r[f'median_{a}']:.1f} vs {r[f'median_{b}']:.1f}{unit}; {verdict} "
+            f"(CI {r['ci_lo']:.1f} to {r['ci_hi']:.1f})"
+        )
+    return "\n".join(lines)
+
+
+def show(fig: Figure) -> None:
+    """Display a figure in a notebook and free it (figures kept open pile up in long sessions)."""
+    from IPython.display import display
+
+    display(fig)
+    _plt().close(fig)
