@@ -502,7 +502,8 @@ class Mock:
         path = flow.request.path.split("?", 1)[0]
         if path == "/reload":
             self._stale = True
-            await self._ensure_index()
+        if ctx.options.sse_mode != "all":
+            await self._ensure_index()  # so that a status answer also means "ready to replay"
         stats: dict[str, Any] = dict(self.server.stats()) if self.server else {}
         stats.update(
             hits=self.hits,
