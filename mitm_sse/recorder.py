@@ -22,7 +22,8 @@ from mitmproxy import ctx, exceptions, flowfilter, http
 
 from .sse import stream_kind
 from .store import CaptureDir, StoreError, default_dir
-from .writer import CHUNK, END, OPEN, Writer, new_instance_id
+from .writer import CHUNK, END, OPEN, new_instance_id
+from .writer_proc import WriterClient
 
 log = logging.getLogger("mitm_sse")
 
@@ -88,7 +89,7 @@ class Tap:
 
 class Recorder:
     def __init__(self) -> None:
-        self.writer: Writer | None = None
+        self.writer: WriterClient | None = None
         self.capture: CaptureDir | None = None
         self.filter: flowfilter.TFilter | None = None
         self.redact: frozenset[str] = _split_names(DEFAULT_REDACT)
@@ -161,7 +162,7 @@ class Recorder:
         from .capture import write_views_db
 
         self.capture = cap
-        self.writer = Writer(cap, new_instance_id())
+        self.writer = WriterClient(cap, new_instance_id())
         self.enqueued_bytes = 0
         try:
             self.writer.start()

@@ -123,6 +123,9 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._lock: InstanceLock | None = None
         self.alive = False
+        # How streams still open at STOP end: the proxy closes them itself on a clean shutdown; if it
+        # vanished (writer_proc sees EOF without STOP), they end as proxy_crashed.
+        self.crash_reason = ("proxy_shutdown", "proxy stopped while the stream was open")
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -208,7 +211,7 @@ class Writer:
             pass
         now = time.time_ns()
         for sid in list(self.streams):
-            self._end(sid, now, "proxy_shutdown", "proxy stopped while the stream was open")
+            self._end(sid, now, *self.crash_reason)
         self._flush()
         if self._pending:
             log.error("mitm-sse: %d segments could not be written at shutdown", len(self._pending))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -311,13 +312,45 @@ def test_sigkill_loses_at_most_last_second_and_restart_recovers(tmp_path):
         proxy.kill()
         t.join(10)
         before_last_second = sum(1 for x in received if x < t_kill - 1.0)
-        # Every file is readable right after the kill.
+        # Every file is readable at any moment after the kill.
         con = duckdb.connect()
         for f in proxy.sse_dir.rglob("*.parquet"):
             con.execute("SELECT count(*) FROM read_parquet(?)", [str(f)]).fetchone()
+        # The writer process outlives the proxy just long enough to store what it was sent, and closes the
+        # stream as proxy_crashed.
+        rows = proxy.wait_for("SELECT end_reason, n_chunks FROM streams", lambda r: r and r[0][0] is not None)
         stored = proxy.capture().execute("SELECT count(*) FROM chunks").fetchone()[0]
+        assert rows == [("proxy_crashed", stored)]
         assert stored >= before_last_second > 10
-        # The next start marks the orphan and keeps counting from what reached disk.
+
+
+def test_restart_after_total_crash_marks_orphans(tmp_path):
+    """Proxy and writer both killed (power loss): the next start closes the orphaned stream."""
+    script = [(0, b"data: a\n\n")] + [(0.02, b"data: b\n\n")] * 1000
+    with ScriptedServer("h1-chunked", script) as srv:
+        proxy = Mitmdump(tmp_path).start()
+
+        def run() -> None:
+            try:
+                with _client(proxy) as c, c.stream("GET", f"http://127.0.0.1:{srv.port}/x") as r:
+                    for _ in r.iter_raw():
+                        pass
+            except httpx.HTTPError:
+                pass
+
+        t = threading.Thread(target=run)
+        t.start()
+        proxy.wait_for("SELECT count(*) FROM chunks", lambda r: r[0][0] > 10)
+        writer_pids = subprocess.run(
+            ["pgrep", "-f", f"mitm_sse.writer_proc {proxy.sse_dir}"], capture_output=True, text=True
+        ).stdout.split()
+        assert writer_pids
+        for pid in writer_pids:
+            os.kill(int(pid), 9)
+        proxy.kill()
+        t.join(10)
+        stored = proxy.capture().execute("SELECT count(*) FROM chunks").fetchone()[0]
+        assert proxy.capture().execute("SELECT end_reason FROM streams").fetchall() == [(None,)]
         proxy2 = Mitmdump(tmp_path, sse_dir=proxy.sse_dir, confdir=proxy.confdir).start()
         try:
             rows = proxy2.wait_for(
