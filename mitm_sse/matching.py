@@ -179,12 +179,15 @@ class MatchConfig:
     ignore: IgnoreSpec = IgnoreSpec()
     redact_params: frozenset[str] = frozenset()
     match_headers: frozenset[str] = frozenset()  # lower-case
+    redact_headers: frozenset[str] = frozenset()  # lower-case
 
 
 def request_key(req: RequestView, cfg: MatchConfig) -> tuple:
+    # Headers the recorder redacts (sse_redact) compare as "any value" on both sides, like query params.
     headers = tuple(
-        (h, req.headers.get(h)) for h in sorted(cfg.match_headers - cfg.ignore.headers)
-    )  # a redacted recorded header matches any value: see _header_value
+        (h, None if h in cfg.redact_headers or req.headers.get(h) == REDACTED else req.headers.get(h))
+        for h in sorted(cfg.match_headers - cfg.ignore.headers)
+    )
     return (
         req.method.upper(),
         req.host.lower(),
@@ -219,20 +222,11 @@ class Index:
         return True
 
     def _key(self, req: RequestView) -> tuple:
-        key = request_key(req, self.cfg)
-        # Recorded redacted header values match anything: keep the name, forget the value.
-        return key[:-1] + (tuple((h, None if v == REDACTED else v) for h, v in key[-1]),)
+        return request_key(req, self.cfg)
 
     def lookup(self, req: RequestView) -> tuple | None:
         key = self._key(req)
-        if key in self.by_key:
-            return key
-        # A header the recorder redacted compares as "any value".
-        if key[-1]:
-            loose = key[:-1] + (tuple((h, None) for h, _ in key[-1]),)
-            if loose in self.by_key:
-                return loose
-        return None
+        return key if key in self.by_key else None
 
     def take(self, key: tuple) -> Recording:
         """The next recording for this key: recorded order, then the last repeats (or all cycle)."""
@@ -293,7 +287,7 @@ def explain(live: RequestView, rec: RequestView, cfg: MatchConfig) -> tuple[list
             score += _W["body"] * 5
     for h in sorted(cfg.match_headers - cfg.ignore.headers):
         lv, rv = live.headers.get(h), rec.headers.get(h)
-        if lv != rv and rv != REDACTED:
+        if lv != rv and rv != REDACTED and h not in cfg.redact_headers:
             diffs.append(f"header {h}: {lv!r} (recorded {rv!r})")
             score += _W["header"]
     return diffs, score

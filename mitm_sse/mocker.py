@@ -267,13 +267,14 @@ class Mock:
                 self.loop_s = parse_loop(o.sse_mock_loop)
             except ValueError as e:
                 raise exceptions.OptionsError(f"sse_mock_loop: {e}") from None
-        if updated & {"sse_mock_ignore", "sse_mock_headers", "sse_redact_params"}:
+        if updated & {"sse_mock_ignore", "sse_mock_headers", "sse_redact_params", "sse_redact"}:
             try:
                 ignore = parse_ignore(o.sse_mock_ignore)
             except ValueError as e:
                 raise exceptions.OptionsError(f"sse_mock_ignore: {e}") from None
             redact = _split(o.sse_redact_params) if "sse_redact_params" in o else frozenset()
-            self.cfg = MatchConfig(ignore, redact, _split(o.sse_mock_headers))
+            redact_h = _split(o.sse_redact) if "sse_redact" in o else frozenset()
+            self.cfg = MatchConfig(ignore, redact, _split(o.sse_mock_headers), redact_h)
             self._stale = True
         if updated & {"sse_dir", "sse_mock_session", "sse_mock_repeat"}:
             self._stale = True
