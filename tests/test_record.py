@@ -278,7 +278,7 @@ def test_sigterm_flushes_and_marks_open_streams(tmp_path):
 
         t = threading.Thread(target=run)
         t.start()
-        time.sleep(1.0)
+        proxy.wait_for("SELECT count(*) FROM chunks", lambda r: r[0][0] >= 10)
         assert proxy.stop() == 0
         t.join(10)
         con = proxy.capture()
