@@ -509,6 +509,11 @@ def find_stream(con, prefix: str) -> str:
     rows = con.execute(
         "SELECT stream_id FROM streams WHERE starts_with(stream_id, ?) ORDER BY stream_id LIMIT 6", [prefix]
     ).fetchall()
+    if not rows and prefix:
+        # IDs begin with the time, so concurrent streams share long prefixes; plots label them by their end.
+        rows = con.execute(
+            "SELECT stream_id FROM streams WHERE ends_with(stream_id, ?) ORDER BY stream_id LIMIT 6", [prefix]
+        ).fetchall()
     if not rows:
         raise UserError(f"no stream with an ID starting with {prefix!r} (see `mitm-sse ls`)")
     if len(rows) > 1:
@@ -548,7 +553,8 @@ def _reconstruct(stream: dict[str, Any], events: list[tuple[str, str]]):
 def show_cmd(dir_: Path | None, stream_id: str, max_events: int, width: int, as_json: bool) -> None:
     """One stream: metadata, latency, events with timing, the reconstructed text and tool calls, a timeline.
 
-    STREAM_ID may be any unique prefix of the ID shown by `mitm-sse ls`.
+    STREAM_ID may be any unique prefix of the ID shown by `mitm-sse ls`, or a unique suffix (as the
+    notebooks' timeline labels show them).
     """
     from .analysis import text_timeline
 

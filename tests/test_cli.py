@@ -177,6 +177,7 @@ def test_show_prefix(cap: Path) -> None:
 
 def test_show_unknown_and_ambiguous(cap: Path) -> None:
     assert "no stream" in one_line_error(run("show", "--dir", str(cap), "zzz", ok=False))
+    assert A in run("show", "--dir", str(cap), A[-8:]).output  # suffix, as plots label streams
     assert "ambiguous" in one_line_error(run("show", "--dir", str(cap), "", ok=False))
 
 
