@@ -100,7 +100,8 @@ def bench_tap(n: int = 200_000) -> dict:
     with tempfile.TemporaryDirectory() as d:
         rec = Recorder()
         rec.writer = Writer(CaptureDir(d), "tapbench")  # not started: we measure the enqueue only
-        tap = Tap("sid", rec, None)
+        rec.writer.alive = True
+        tap = Tap("sid", rec.writer, None)
         data = openai_chunk(1)
 
         def ident(b: bytes) -> bytes:

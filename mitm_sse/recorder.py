@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -65,23 +66,24 @@ def redact_query(url: str, params: frozenset[str]) -> tuple[str, str]:
 class Tap:
     """flow.response.stream callable. Runs on mitmproxy's event loop: stamp, enqueue, return unchanged."""
 
-    __slots__ = ("sid", "put", "rec", "chain")
+    __slots__ = ("sid", "w", "put", "chain")
 
-    def __init__(self, sid: str, rec: Recorder, chain: Callable[[bytes], Any] | None) -> None:
+    def __init__(self, sid: str, writer: WriterClient, chain: Callable[[bytes], Any] | None) -> None:
         self.sid = sid
-        self.put = rec.writer.q.put
-        self.rec = rec
+        self.w = writer
+        self.put = writer.q.put
         self.chain = chain  # a stream callable set by another addon before us: it still runs, after us
 
     def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
         if data:
-            rec = self.rec
-            n = len(data)
-            if rec.enqueued_bytes - rec.writer.dequeued_bytes < MAX_BACKLOG_BYTES:
-                rec.enqueued_bytes += n
-                self.put((CHUNK, self.sid, time.time_ns(), data))
-            else:
-                self.put((CHUNK, self.sid, time.time_ns(), (n,)))
+            w = self.w
+            if w.alive:  # a dead writer's queue would only grow
+                n = len(data)
+                if w.enqueued_bytes - w.dequeued_bytes < MAX_BACKLOG_BYTES:
+                    w.enqueued_bytes += n
+                    self.put((CHUNK, self.sid, time.time_ns(), data))
+                else:  # the writer fell far behind: keep the traffic flowing, store only the size
+                    self.put((CHUNK, self.sid, time.time_ns(), (n,)))
         if self.chain is not None:
             return self.chain(data)
         return data
@@ -94,9 +96,9 @@ class Recorder:
         self.filter: flowfilter.TFilter | None = None
         self.redact: frozenset[str] = _split_names(DEFAULT_REDACT)
         self.redact_params: frozenset[str] = _split_names(DEFAULT_REDACT_PARAMS)
-        self.enqueued_bytes = 0
         self.open: dict[str, http.HTTPFlow] = {}
-        self._warned_dead = False
+        self._restarting = False
+        self._last_restart = 0.0
 
     # ---- options ------------------------------------------------------------------------------------
     def load(self, loader: Any) -> None:
@@ -163,7 +165,6 @@ class Recorder:
 
         self.capture = cap
         self.writer = WriterClient(cap, new_instance_id())
-        self.enqueued_bytes = 0
         try:
             self.writer.start()
         except (OSError, StoreError) as e:
@@ -188,9 +189,7 @@ class Recorder:
         if flow.metadata.get("mitm_sse.mocked"):  # answered by the Mock addon from a recording
             return False
         if not self.writer.alive:
-            if not self._warned_dead:
-                log.error("mitm-sse: the writer is not running: streams pass through UNRECORDED")
-                self._warned_dead = True
+            self._restart_writer()
             return False
         return self.filter is None or bool(self.filter(flow))
 
@@ -206,7 +205,7 @@ class Recorder:
             return
         sid = self._open(flow, kind)
         prev = resp.stream
-        resp.stream = Tap(sid, self, prev if callable(prev) else None)
+        resp.stream = Tap(sid, self.writer, prev if callable(prev) else None)
 
     def response(self, flow: http.HTTPFlow) -> None:
         sid = flow.metadata.get("mitm_sse.stream_id")
@@ -295,6 +294,38 @@ class Recorder:
             "model": _request_model(body_text),
         }
 
+    def _restart_writer(self) -> None:
+        """The writer process died: start a new one off the event loop, at most every 5 s.
+
+        Streams that were open in the dead writer keep flowing to their clients unrecorded; the new writer's
+        start-up recovery closes them in the store as proxy_crashed.
+        """
+        now = time.monotonic()
+        if self._restarting or now - self._last_restart < 5.0 or self.capture is None:
+            return
+        self._restarting = True
+        self._last_restart = now
+        cap, old = self.capture, self.writer
+
+        def restart() -> None:
+            try:
+                new = WriterClient(cap, new_instance_id())
+                new.start()
+            except Exception as e:
+                log.error(
+                    "mitm-sse: restarting the writer failed (%s); will retry; traffic is not affected", e
+                )
+            else:
+                if self.writer is old:
+                    self.writer = new
+                    log.warning("mitm-sse: writer restarted; recording resumed for new streams")
+                else:
+                    new.stop()
+            finally:
+                self._restarting = False
+
+        threading.Thread(target=restart, name="mitm-sse-writer-restart", daemon=True).start()
+
     def _open(self, flow: http.HTTPFlow, kind: str) -> str:
         row = self._stream_row(flow, kind)
         sid = row["stream_id"]
@@ -327,7 +358,7 @@ class Recorder:
         body = resp.raw_content or b""
         t_end = int(resp.timestamp_end * 1e9) if resp.timestamp_end else time.time_ns()
         if body:
-            self.enqueued_bytes += len(body)
+            self.writer.enqueued_bytes += len(body)
             put((CHUNK, sid, t_end, body))
         put((END, sid, t_end, "complete", None))
 

@@ -109,7 +109,8 @@ class Writer:
         self.instance = instance
         self.flush_interval = flush_interval
         self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self.dequeued_bytes = 0  # written by this thread only; the tap keeps enqueued_bytes
+        self.enqueued_bytes = 0  # kept by the tap (event loop)
+        self.dequeued_bytes = 0  # written by this thread only
         self.streams: dict[str, _Stream] = {}
         self._cols: dict[str, dict[str, list]] = {}
         self._reset_buffers()

@@ -44,6 +44,7 @@ class WriterClient:
         self.instance = instance
         self.flush_interval = flush_interval
         self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.enqueued_bytes = 0  # chunk bytes put on q (written by the event loop only)
         self.dequeued_bytes = 0  # bytes of chunk data shipped to the child (written by the shipper only)
         self.alive = False
         self.proc: subprocess.Popen | None = None
