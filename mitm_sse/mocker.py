@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ STATUS_HOST = "mitm-sse.mock"  # http://mitm-sse.mock/status answers with the mo
 MODES = ("replay", "new", "all")
 MISS = ("404", "502", "forward")
 CHUNK_CACHE_BYTES = 256 * 1024 * 1024
+PRELOAD_BYTES = 64 * 1024 * 1024  # captures up to this size are loaded whole at start
 # A stream the *client* abandoned says nothing about the server: never replay it.
 SKIP_END_REASONS = ("client_disconnected",)
 
@@ -132,6 +134,25 @@ class Store:
             finally:
                 cur.close()
         return []
+
+    def preload(self, stream_ids: list[str], budget: int) -> dict[str, Chunks]:
+        """Every chunk of these streams in one scan, if they fit in `budget` bytes (else {})."""
+        with self._lock:
+            cur = self._connect().cursor()
+        try:
+            (total,) = cur.execute(
+                "SELECT coalesce(sum(n_bytes), 0) FROM streams WHERE stream_id IN ?", [stream_ids]
+            ).fetchone()
+            if not stream_ids or total > budget:
+                return {}
+            rows = cur.execute(
+                "SELECT stream_id, list(t_ns ORDER BY seq), list(data ORDER BY seq) FROM chunks "
+                "WHERE stream_id IN ? GROUP BY stream_id",
+                [stream_ids],
+            ).fetchall()
+        finally:
+            cur.close()
+        return {sid: list(zip(ts, ds, strict=True)) for sid, ts, ds in rows}
 
     def close(self) -> None:
         with self._lock:
@@ -292,6 +313,7 @@ class Mock:
         self._index_lock = asyncio.Lock()
         self.server = ReplayServer(self._load_chunks)
         await self.server.start()
+
         log.info(
             "mitm-sse: mock replay server on 127.0.0.1:%d, mode %s", self.server.port, ctx.options.sse_mode
         )
@@ -300,6 +322,11 @@ class Mock:
                 await self._ensure_index()
             except Exception as e:  # report, keep running: the next request retries
                 log.error("mitm-sse: could not load recordings from %s: %s", self._dir(), e)
+        # Measured: with mitmproxy, DuckDB and the preloaded chunks in memory, a full (generation 2)
+        # garbage collection stalls the event loop ~30 ms, which shows up as a late chunk at the client.
+        # Collect once now and move what is alive after startup out of the collector's scans.
+        gc.collect()
+        gc.freeze()
 
     async def done(self) -> None:
         if self.server is not None:
@@ -328,6 +355,12 @@ class Mock:
                     idx.add(r)
                 self.index, self._stale = idx, False
                 log.info("mitm-sse: %d recordings to replay from %s", len(idx), store.path)
+                # A small capture is read whole, once: a replay then starts without a query, so the
+                # first chunk keeps its recorded time to first byte even when 100 requests arrive at once.
+                self._clear_cache()
+                pre = await asyncio.to_thread(store.preload, list(idx.recordings), PRELOAD_BYTES)
+                for sid, chunks in pre.items():
+                    self._cache_put(sid, chunks)
             elif force and await asyncio.to_thread(store.changed):
                 await asyncio.to_thread(store.refresh)
                 session = ctx.options.sse_mock_session or None
@@ -352,15 +385,19 @@ class Mock:
                 chunks = await fut
             finally:
                 self._loading.pop(sid, None)
-            size = sum(len(d) for _, d in chunks if d)
-            if size < CHUNK_CACHE_BYTES // 4:
-                self._cache[sid] = chunks
-                self._cache_bytes += size
-                while self._cache_bytes > CHUNK_CACHE_BYTES and self._cache:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_bytes -= sum(len(d) for _, d in old if d)
+            self._cache_put(sid, chunks)
             return chunks
         return await asyncio.shield(fut)
+
+    def _cache_put(self, sid: str, chunks: Chunks) -> None:
+        size = sum(len(d) for _, d in chunks if d)
+        if size >= CHUNK_CACHE_BYTES // 4:
+            return  # a huge stream is re-read each time rather than evicting everything else
+        self._cache[sid] = chunks
+        self._cache_bytes += size
+        while self._cache_bytes > CHUNK_CACHE_BYTES and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= sum(len(d) for _, d in old if d)
 
     def _clear_cache(self) -> None:
         self._cache.clear()
