@@ -41,6 +41,9 @@ class _Zlib:
             raise DecodeError("decoded chunk exceeds 64 MiB")
         return out
 
+    def finish(self) -> str | None:
+        return None if self._d.eof else "compressed body ended before its end marker (truncated or corrupt)"
+
 
 class _Brotli:
     def __init__(self) -> None:
@@ -54,6 +57,9 @@ class _Brotli:
         except Exception as e:  # brotli.error
             raise DecodeError(f"br: {e}") from None
 
+    def finish(self) -> str | None:
+        return None if self._d.is_finished() else "br body ended before its end marker (truncated or corrupt)"
+
 
 class _Zstd:
     def __init__(self) -> None:
@@ -66,6 +72,9 @@ class _Zstd:
             return self._d.decompress(data)
         except Exception as e:  # zstandard.ZstdError
             raise DecodeError(f"zstd: {e}") from None
+
+    def finish(self) -> str | None:
+        return None if self._d.eof else "zstd body ended before its end marker (truncated or corrupt)"
 
 
 def make_decoder(content_encoding: str | None) -> Callable[[bytes], bytes] | None:
@@ -94,9 +103,17 @@ def make_decoder(content_encoding: str | None) -> Callable[[bytes], bytes] | Non
     if len(steps) == 1:
         return steps[0]
 
-    def chain(data: bytes) -> bytes:
-        for step in steps:
+    return _Chain(steps)
+
+
+class _Chain:
+    def __init__(self, steps: list) -> None:
+        self.steps = steps
+
+    def __call__(self, data: bytes) -> bytes:
+        for step in self.steps:
             data = step(data)
         return data
 
-    return chain
+    def finish(self) -> str | None:
+        return next((e for e in (s.finish() for s in self.steps) if e), None)

@@ -47,6 +47,8 @@ def headers_json(headers: http.Headers, redact: frozenset[str]) -> str:
         key = name.lower()
         if key in redact:
             value = REDACTED
+        elif not value.isascii():  # non-UTF-8 bytes arrive as surrogate escapes: store U+FFFD instead
+            value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         out[key] = f"{out[key]}, {value}" if key in out else value
     return json.dumps(out, ensure_ascii=False)
 
@@ -178,6 +180,16 @@ class Recorder:
 
     # ---- hooks --------------------------------------------------------------------------------------
     def request(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        # The URL as the client asked for it: map_remote and other rewrites run after script addons, and the
+        # Mock matches on this too, so a capture made through map_remote replays to the same client request.
+        flow.metadata["mitm_sse.client_url"] = [
+            req.scheme,
+            req.pretty_host,
+            req.port,
+            req.path,
+            req.pretty_url,
+        ]
         label = flow.request.headers.get(SESSION_HEADER)
         if label is not None:
             flow.metadata["mitm_sse.session"] = label
@@ -257,7 +269,14 @@ class Recorder:
         assert resp is not None
         now = time.time_ns()
         sid = f"{now:016x}{flow.id[:8]}"
-        url, query = redact_query(req.pretty_url, self.redact_params)
+        scheme, host, port, path, client_url = flow.metadata.get("mitm_sse.client_url") or (
+            req.scheme,
+            req.pretty_host,
+            req.port,
+            req.path,
+            req.pretty_url,
+        )
+        url, query = redact_query(client_url, self.redact_params)
         raw = req.raw_content
         body_text = body_raw = None
         if raw:
@@ -275,11 +294,11 @@ class Recorder:
             "session": session,
             "kind": kind,
             "method": req.method,
-            "scheme": req.scheme,
+            "scheme": scheme,
             "url": url,
-            "host": req.pretty_host,
-            "port": req.port,
-            "path": req.path.split("?", 1)[0],
+            "host": host,
+            "port": port,
+            "path": path.split("?", 1)[0],
             "query": query,
             "status": resp.status_code,
             "request_headers_json": headers_json(req.headers, self.redact),

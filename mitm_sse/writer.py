@@ -356,6 +356,10 @@ class Writer:
         st = self.streams.pop(sid, None)
         if st is None:
             return
+        if st.decode is not None and st.parser is not None and reason == "complete" and st.seq:
+            err = st.decode.finish()
+            if err:
+                st.row["parse_error"] = err
         if st.parser is not None:
             try:
                 tail = st.parser.close()
@@ -404,7 +408,7 @@ class Writer:
                 cols = self._cols[name]
                 if cols["stream_id"]:
                     try:
-                        t = pa.Table.from_pydict(cols, schema=schema)
+                        t = _to_table(cols, schema)
                     except Exception:
                         log.exception(
                             "mitm-sse: could not build the %s batch; %d rows lost",
@@ -420,14 +424,14 @@ class Writer:
                 self._pending_bytes += item[1].nbytes
         if not self._pending:
             return
-        name = self._segment_name()
         still: list[tuple[str, pa.Table]] = []
         for table, data in self._pending:
             if still:  # keep order: once one write failed, the rest waits for the next try
                 still.append((table, data))
                 continue
             try:
-                self.capture.write_segment(table, data, name)
+                # A fresh name per write: retried batches must never overwrite one another.
+                self.capture.write_segment(table, data, self._segment_name())
             except OSError as e:
                 self.errors += 1
                 if self.errors == 1 or self.errors % 20 == 0:
@@ -462,6 +466,26 @@ class Writer:
                 self.capture.compact(table, self.instance)
             except Exception:
                 log.exception("mitm-sse: compaction of %s failed (data is safe; will retry)", table)
+
+
+def _clean_str(v: object) -> object:
+    """A str that UTF-8 can encode: lone surrogates (mitmproxy's surrogateescape of non-UTF-8 header, path
+    or URL bytes) become U+FFFD."""
+    if isinstance(v, str):
+        return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return v
+
+
+def _to_table(cols: dict[str, list], schema: pa.Schema) -> pa.Table:
+    try:
+        return pa.Table.from_pydict(cols, schema=schema)
+    except (UnicodeEncodeError, pa.ArrowInvalid, pa.ArrowTypeError):
+        # One odd value must not cost the whole batch: clean every text column and try again.
+        cleaned = {
+            name: [_clean_str(v) for v in col] if pa.types.is_string(schema.field(name).type) else col
+            for name, col in cols.items()
+        }
+        return pa.Table.from_pydict(cleaned, schema=schema)
 
 
 def new_instance_id() -> str:
