@@ -18,19 +18,28 @@ from pathlib import Path
 import duckdb
 
 from .metrics import METRIC_VIEWS_SQL
-from .store import CaptureDir, default_dir
+from .store import SUPERSEDED, CaptureDir, default_dir
 
 log = logging.getLogger("mitm_sse")
 
 VIEWS_DB = "capture.duckdb"
 
 
+def _q(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
 def _source(files: list[str] | str) -> str:
-    if isinstance(files, str):
-        lit = "'" + files.replace("'", "''") + "'"
-    else:
-        lit = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
-    return f"read_parquet({lit}, union_by_name = true, hive_partitioning = false)"
+    if isinstance(files, list):  # an exact snapshot
+        lit = "[" + ", ".join(_q(f) for f in files) + "]"
+        return f"read_parquet({lit}, union_by_name = true, hive_partitioning = false)"
+    # A glob, evaluated at query time: leave out files a compaction has superseded (see store.py).
+    superseded = str(Path(files).parent.parent / SUPERSEDED)
+    return (
+        f"(SELECT * EXCLUDE (filename) FROM read_parquet({_q(files)}, union_by_name = true, "
+        f"hive_partitioning = false, filename = true) "
+        f"WHERE filename NOT IN (SELECT path FROM read_parquet({_q(superseded)})))"
+    )
 
 
 def views_sql(sources: dict[str, list[str] | str]) -> str:

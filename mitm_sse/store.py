@@ -30,6 +30,11 @@ EMPTY_PARTITION = "day=1970-01-01"  # holds one empty file per table so globs al
 COMPACT_MIN_FILES = 24  # merge a partition's small files once this many are sealed
 COMPACT_SMALL_BYTES = 64 * 1024 * 1024  # files above this are left alone
 COMPACT_MIN_AGE_S = 5.0  # only files this old take part (readers may be planning on the newest)
+# Compacted inputs stay on disk this long, listed as superseded, so that a reader holding an older snapshot
+# (an open_capture() connection, a notebook) can still read them; new snapshots and the glob views skip them.
+SUPERSEDED_GRACE_S = 600.0
+SUPERSEDED = ".superseded.parquet"  # per table folder; not matched by the */*.parquet globs
+SUPERSEDED_SCHEMA = pa.schema([("path", pa.string()), ("t", pa.float64())])
 
 
 def default_dir() -> Path:
@@ -73,6 +78,8 @@ class CaptureDir:
                 empty = self.path / table / EMPTY_PARTITION / "empty.parquet"
                 if not empty.exists():
                     self._write_atomic(empty, schema.empty_table())
+                if not (self.path / table / SUPERSEDED).exists():
+                    self._write_atomic(self.path / table / SUPERSEDED, SUPERSEDED_SCHEMA.empty_table())
         except StoreError:
             raise
         except OSError as e:
@@ -83,6 +90,20 @@ class CaptureDir:
 
     def glob(self, table: str) -> str:
         return str(self.path / table / "*" / "*.parquet")
+
+    def superseded_path(self, table: str) -> Path:
+        return self.path / table / SUPERSEDED
+
+    def _read_superseded(self, table: str) -> dict[str, float]:
+        try:
+            t = pq.read_table(self.superseded_path(table))
+        except (OSError, pa.ArrowException):
+            return {}
+        return dict(zip(t.column("path").to_pylist(), t.column("t").to_pylist(), strict=True))
+
+    def _write_superseded(self, table: str, entries: dict[str, float]) -> None:
+        data = pa.table({"path": list(entries), "t": list(entries.values())}, schema=SUPERSEDED_SCHEMA)
+        self._write_atomic(self.superseded_path(table), data)
 
     # ---- writing ------------------------------------------------------------------------------------
     def _write_atomic(self, final: Path, table: pa.Table) -> None:
@@ -132,14 +153,18 @@ class CaptureDir:
             os.close(fd)  # closing releases the flock
 
     def snapshot(self) -> dict[str, list[str]]:
-        """A consistent list of every table's files (never mid-compaction)."""
+        """A consistent list of every table's live files (never mid-compaction, superseded files left out)."""
         try:
             ctx = self._lock(fcntl.LOCK_SH)
             ctx.__enter__()
         except OSError:
             ctx = None  # read-only folder of someone else's: no compaction can run there anyway
         try:
-            return {t: sorted(str(p) for p in (self.path / t).glob("*/*.parquet")) for t in TABLES}
+            out = {}
+            for t in TABLES:
+                gone = self._read_superseded(t)
+                out[t] = sorted(p for p in map(str, (self.path / t).glob("*/*.parquet")) if p not in gone)
+            return out
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)
@@ -148,12 +173,16 @@ class CaptureDir:
     def compact(self, table: str, instance: str, now: float | None = None) -> int:
         """Merge sealed small segments of each partition of `table`. Returns how many files were merged."""
         now = time.time() if now is None else now
+        self._purge_superseded(table, now)
+        gone = self._read_superseded(table)
         merged = 0
         for part in sorted(p for p in (self.path / table).iterdir() if p.is_dir()):
             if part.name == EMPTY_PARTITION:
                 continue
             candidates = []
             for f in sorted(part.glob("*.parquet")):
+                if str(f) in gone:
+                    continue
                 try:
                     st = f.stat()
                 except FileNotFoundError:
@@ -162,10 +191,10 @@ class CaptureDir:
                     candidates.append(f)
             if len(candidates) < COMPACT_MIN_FILES:
                 continue
-            merged += self._merge(part, candidates, table, instance)
+            merged += self._merge(part, candidates, table, instance, now)
         return merged
 
-    def _merge(self, part: Path, files: list[Path], table: str, instance: str) -> int:
+    def _merge(self, part: Path, files: list[Path], table: str, instance: str, now: float) -> int:
         schema = TABLES[table]
         out = part / f"c-{time.time_ns():020d}-{instance}.parquet"
         tmp = out.with_name(out.name + ".tmp")
@@ -185,12 +214,26 @@ class CaptureDir:
             raise
         os.close(fd)
         with self._lock(fcntl.LOCK_EX):
+            # Both in one critical section: a snapshot sees either the inputs or the merged file, never both.
+            entries = self._read_superseded(table)
+            entries.update({str(src): now for src in files})
+            self._write_superseded(table, entries)
             os.rename(tmp, out)
-            for src in files:
-                with contextlib.suppress(FileNotFoundError):
-                    src.unlink()
             _fsync_dir(part)
         return len(files)
+
+    def _purge_superseded(self, table: str, now: float) -> None:
+        entries = self._read_superseded(table)
+        old = [p for p, t in entries.items() if now - t >= SUPERSEDED_GRACE_S]
+        if not old:
+            return
+        with self._lock(fcntl.LOCK_EX):
+            entries = self._read_superseded(table)
+            for p in old:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+                entries.pop(p, None)
+            self._write_superseded(table, entries)
 
 
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
