@@ -219,6 +219,9 @@ class Writer:
         self.alive = False
 
     def _startup(self) -> None:
+        from .migrations import migrate
+
+        migrate(self.capture)
         n = self.capture.cleanup_tmp()
         if n:
             log.info("mitm-sse: removed %d temporary files left by a killed recorder", n)

@@ -111,3 +111,14 @@ def test_open_capture_errors_clearly(tmp_path):
         assert "no mitm-sse capture" in str(e)
     else:
         raise AssertionError("expected FileNotFoundError")
+
+
+def test_migrations_recorded_once(tmp_path):
+    from mitm_sse.migrations import MIGRATIONS, applied, migrate
+
+    cap = CaptureDir(tmp_path / "cap")
+    cap.ensure()
+    assert migrate(cap) == [m.__name__ for m in MIGRATIONS]
+    assert migrate(cap) == []
+    assert applied(cap) == [m.__name__ for m in MIGRATIONS]
+    assert oct(os.stat(cap.path / "migrations.json").st_mode & 0o777) == "0o600"
