@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the real client applications the end-to-end tests drive (tests/test_e2e_*.py):
 #   * a separate venv with the official `openai` and `anthropic` SDKs (they need newer h11/httpx stacks than
-#     mitmproxy 11 allows, so they live apart, as a real separate application would);
+#     mitmproxy 11 allows, so they live apart, as a real separate application would), and `pyspark` when a Java
+#     runtime is present (tests/test_readers.py reads a capture with Spark in local mode);
 #   * Debian's `chromium`, `curl` and `libnss3-tools` (certutil), only if missing.
 # Idempotent and cached: the venv is reused while it imports both SDKs. Never fails the caller: anything that
 # cannot be installed is reported as a warning, and the tests that need it skip with the reason.
@@ -14,19 +15,26 @@ PY="${MITM_SSE_CLIENTS_PYTHON:-python3}"
 warn() { echo "install-clients: WARNING: $*" >&2; }
 
 # ---- the SDK venv -----------------------------------------------------------------------------------------
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import openai, anthropic" 2>/dev/null; then
-    echo "install-clients: SDK venv ready at $VENV ($("$VENV/bin/python" -c 'import openai, anthropic; print("openai", openai.__version__, "anthropic", anthropic.__version__)'))"
+want=(openai anthropic)
+imports="import openai, anthropic"
+if command -v java >/dev/null 2>&1; then
+    want+=(pyspark)
+    imports="$imports, pyspark"
 else
-    echo "install-clients: creating SDK venv at $VENV"
-    rm -rf "$VENV"
-    mkdir -p "$(dirname "$VENV")"
-    if "$PY" -m venv "$VENV" \
+    warn "no java: pyspark not installed, the Spark reader test will skip"
+fi
+versions() { "$VENV/bin/python" -c "import importlib.metadata as m; print(' '.join(f'{p} {m.version(p)}' for p in '${want[*]}'.split()))"; }
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "$imports" 2>/dev/null; then
+    echo "install-clients: client venv ready at $VENV ($(versions))"
+else
+    echo "install-clients: installing ${want[*]} into $VENV"
+    [ -x "$VENV/bin/python" ] || { rm -rf "$VENV"; mkdir -p "$(dirname "$VENV")"; "$PY" -m venv "$VENV"; }
+    if [ -x "$VENV/bin/python" ] \
         && "$VENV/bin/python" -m pip install -q --upgrade pip \
-        && "$VENV/bin/python" -m pip install -q openai anthropic; then
-        echo "install-clients: installed $("$VENV/bin/python" -c 'import openai, anthropic; print("openai", openai.__version__, "anthropic", anthropic.__version__)')"
+        && "$VENV/bin/python" -m pip install -q "${want[@]}"; then
+        echo "install-clients: installed $(versions)"
     else
-        warn "could not install openai/anthropic into $VENV: the SDK end-to-end tests will skip"
-        rm -rf "$VENV"
+        warn "could not install ${want[*]} into $VENV: the SDK / Spark end-to-end tests will skip"
     fi
 fi
 
