@@ -22,6 +22,7 @@ import mitm_sse
 from mitm_sse.capture import open_capture
 
 PKG = Path(mitm_sse.__file__).resolve().parent
+RUNNING: set[Mitmdump] = set()  # stopped by the autouse fixture in conftest.py if a test forgot
 
 
 def mitmdump_bin() -> str:
@@ -83,6 +84,7 @@ class Mitmdump:
         self._log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        RUNNING.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -102,6 +104,7 @@ class Mitmdump:
             return ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        RUNNING.discard(self)
         if self.proc is None:
             return None
         if self.proc.poll() is None:
