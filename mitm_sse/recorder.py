@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from mitmproxy import ctx, exceptions, flowfilter, http
+from mitmproxy import connection, ctx, exceptions, flowfilter, http
 
 from .sse import stream_kind
 from .store import CaptureDir, StoreError, default_dir
@@ -234,14 +234,7 @@ class Recorder:
         if flow.metadata.get("mitm_sse.stream_id") is None:
             return
         msg = flow.error.msg if flow.error else "unknown error"
-        low = msg.lower()
-        if "client disconnected" in low or "client closed" in low:
-            reason = "client_disconnected"
-        elif "killed" in low:
-            reason = "killed"
-        else:
-            reason = "server_error"
-        self._end(flow, reason, msg)
+        self._end(flow, classify_error(flow, msg), msg)
 
     def done(self) -> None:
         if self.writer is None:
@@ -380,6 +373,36 @@ class Recorder:
             self.writer.enqueued_bytes += len(body)
             put((CHUNK, sid, t_end, body))
         put((END, sid, t_end, "complete", None))
+
+
+def _gone(conn: connection.Connection | None) -> bool:
+    """The peer closed its side (mitmproxy clears CAN_READ on EOF, before the layers see it)."""
+    if conn is None:
+        return False
+    return conn.timestamp_end is not None or not (conn.state & connection.ConnectionState.CAN_READ)
+
+
+def classify_error(flow: http.HTTPFlow, msg: str) -> str:
+    """end_reason for a stream that failed: which side went away?
+
+    mitmproxy's messages are not enough on their own: "peer closed connection" and (over HTTP/2) "stream
+    reset by client (...)" are used for both sides. So look at the connections too.
+    """
+    low = msg.lower()
+    if "client disconnected" in low or "client closed" in low:
+        return "client_disconnected"
+    if low == "killed" or "killed by" in low:
+        return "killed"
+    client_gone = _gone(flow.client_conn)
+    server_gone = _gone(flow.server_conn)
+    if client_gone and not server_gone:
+        return "client_disconnected"
+    if "stream reset by client" in low and not server_gone:
+        # An RST_STREAM: from the client if only the client side speaks HTTP/2.
+        server_h2 = flow.server_conn is not None and flow.server_conn.alpn == b"h2"
+        if not server_h2:
+            return "client_disconnected"
+    return "server_error"
 
 
 def _request_model(body: str | None) -> str | None:

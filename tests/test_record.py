@@ -422,3 +422,25 @@ def test_unwritable_sse_dir_fails_at_start(tmp_path):
     rc, output = _run_to_exit(Mitmdump(tmp_path, sse_dir=blocker / "capture"))
     assert rc != 0
     assert "sse_dir: capture folder" in output and "is not usable" in output
+
+
+def test_http2_client_cancel_and_upstream_rst_stream(tmp_path):
+    long = [(0, b"data: a\n\n")] + [(0.1, b"data: more\n\n")] * 50
+    rst = [(0, b"data: a\n\n"), (0.1, b"data: b\n\n"), ("rst_stream",)]
+    routes = {"/long": (200, None, long), "/rst": (200, None, rst)}
+    # eager: mitmproxy asks the upstream first, so the client gets HTTP/2 too (lazy takes the client's first ALPN)
+    with ScriptedServer("h2-tls", routes=routes, script=None) as srv, \
+            Mitmdump(tmp_path, options={"connection_strategy": "eager"}) as proxy:  # fmt: skip
+        with _client(proxy, http2=True) as c:
+            with c.stream("GET", f"https://127.0.0.1:{srv.port}/long") as r:
+                assert r.http_version == "HTTP/2"
+                it = r.iter_raw()
+                next(it)
+            with pytest.raises(httpx.HTTPError):
+                _stream(c, f"https://127.0.0.1:{srv.port}/rst")
+        rows = proxy.wait_for(
+            "SELECT path, end_reason FROM streams WHERE end_reason IS NOT NULL ORDER BY path",
+            lambda r: len(r) == 2,
+        )
+        errs = proxy.capture().execute("SELECT path, error FROM streams ORDER BY path").fetchall()
+        assert rows == [("/long", "client_disconnected"), ("/rst", "server_error")], errs
