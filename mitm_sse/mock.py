@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 
 try:
+    from mitm_sse.contentview import SSEView
     from mitm_sse.mocker import Mock
     from mitm_sse.recorder import Recorder
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mitm_sse.contentview import SSEView
     from mitm_sse.mocker import Mock
     from mitm_sse.recorder import Recorder
 
 _recorder = Recorder()
-addons = [_recorder, Mock(_recorder)]
+# SSEView last: it wraps whatever stream callable the others set, so mocked streams show in mitmweb too.
+addons = [_recorder, Mock(_recorder), SSEView()]
