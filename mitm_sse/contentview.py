@@ -44,7 +44,10 @@ log = logging.getLogger("mitm_sse")
 __all__ = ["META_KEY", "SSEView", "render", "render_lines", "addons"]
 
 META_KEY = "mitm_sse.view"
-DEFAULT_MAX = "1m"
+DEFAULT_MAX = "auto"
+# "auto": keep this much where something can show or save it (mitmweb, the console, mitmdump -w); nothing
+# in a bare mitmdump, which forgets each flow when it ends (a proxy left on must not pay per open stream).
+AUTO_MAX = 256 * 1024
 MAX_CHUNK_ENTRIES = 100_000  # arrival offsets kept per flow (beyond: the rest of the body has no offsets)
 MAX_EVENTS_SHOWN = 5_000
 MAX_DATA_CHARS = 4_000  # per event, in the view
@@ -77,10 +80,10 @@ class Keep:
     def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
         if data:
             n = len(data)
-            if len(self.chunks) < MAX_CHUNK_ENTRIES:
-                self.chunks.append([round((time.time() - self.t0) * 1000.0, 3), n])
             room = self.cap - len(self.buf)
-            if room > 0:
+            if room > 0:  # past the cap nothing more is kept, not even offsets: memory stays bounded
+                if len(self.chunks) < MAX_CHUNK_ENTRIES:
+                    self.chunks.append([round((time.time() - self.t0) * 1000.0, 3), n])
                 self.buf += data if n <= room else data[:room]
             self.total += n
         else:
@@ -126,14 +129,20 @@ class SSEView:
             "sse_view_max",
             str,
             DEFAULT_MAX,
-            "Bytes of each streamed SSE/NDJSON response kept for the SSE content view (e.g. 1m, 256k; 0 = none).",
+            "Bytes of each streamed SSE/NDJSON response kept for the SSE content view (e.g. 1m, 256k; 0 = none; "
+            "auto = 256k in mitmweb, the console or with mitmdump -w, else none).",
         )
         self._view = register()
 
     def configure(self, updated: set[str]) -> None:
-        if "sse_view_max" in updated and self._view is not None:
+        if ("sse_view_max" in updated or "save_stream_file" in updated) and self._view is not None:
+            value = ctx.options.sse_view_max
+            if value.strip().lower() == "auto":
+                shown = type(ctx.master).__name__ != "DumpMaster" or bool(ctx.options.save_stream_file)
+                self.cap = AUTO_MAX if shown else 0
+                return
             try:
-                cap = human.parse_size(ctx.options.sse_view_max)
+                cap = human.parse_size(value)
             except ValueError as e:
                 raise exceptions.OptionsError(f"sse_view_max: {e}") from None
             self.cap = max(0, cap or 0)

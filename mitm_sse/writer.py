@@ -469,6 +469,7 @@ class Writer:
                 self.capture.compact(table, self.instance)
             except Exception:
                 log.exception("mitm-sse: compaction of %s failed (data is safe; will retry)", table)
+        pa.default_memory_pool().release_unused()  # hand Arrow's freed buffers back to the OS
 
 
 def _clean_str(v: object) -> object:
