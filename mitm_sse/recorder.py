@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,9 +22,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from mitmproxy import connection, ctx, exceptions, flowfilter, http
 
+from .messages import CHUNK, END, OPEN
 from .sse import stream_kind
 from .store import CaptureDir, StoreError, default_dir
-from .writer import CHUNK, END, OPEN, new_instance_id
 from .writer_proc import WriterClient
 
 log = logging.getLogger("mitm_sse")
@@ -154,7 +155,7 @@ class Recorder:
             if self.capture is not None and cap.path == self.capture.path and self.writer is not None:
                 return
             try:
-                cap.ensure()
+                cap.ensure(files=False)
             except StoreError as e:
                 raise exceptions.OptionsError(f"sse_dir: {e}") from None
             self._start_writer(cap)
@@ -163,19 +164,13 @@ class Recorder:
         if self.writer is not None:
             self._close_all("proxy_shutdown", "capture folder changed")
             self.writer.stop()
-        from .capture import write_views_db
-
         self.capture = cap
-        self.writer = WriterClient(cap, new_instance_id())
+        self.writer = WriterClient(cap, _new_instance_id())
         try:
             self.writer.start()
         except (OSError, StoreError) as e:
             self.writer = None
             raise exceptions.OptionsError(f"sse_dir: cannot record into {cap.path}: {e}") from None
-        try:
-            write_views_db(cap)
-        except Exception as e:  # the Parquet files are the store; the views file is a convenience
-            log.warning("mitm-sse: could not write %s/capture.duckdb: %s", cap.path, e)
         log.info("mitm-sse: recording SSE streams into %s", cap.path)
 
     # ---- hooks --------------------------------------------------------------------------------------
@@ -321,7 +316,7 @@ class Recorder:
 
         def restart() -> None:
             try:
-                new = WriterClient(cap, new_instance_id())
+                new = WriterClient(cap, _new_instance_id())
                 new.start()
             except Exception as e:
                 log.error(
@@ -403,6 +398,10 @@ def classify_error(flow: http.HTTPFlow, msg: str) -> str:
         if not server_h2:
             return "client_disconnected"
     return "server_error"
+
+
+def _new_instance_id() -> str:
+    return f"{os.getpid():x}{os.urandom(3).hex()}"
 
 
 def _request_model(body: str | None) -> str | None:

@@ -16,11 +16,14 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-from .schema import TABLES
+# pyarrow is imported inside the functions that write or read Parquet: the proxy process uses this module
+# only for the layout and the checks, and must not pay pyarrow's ~100 MB.
+TABLE_NAMES = ("streams", "chunks", "events")
 
 log = logging.getLogger("mitm_sse")
 
@@ -36,7 +39,12 @@ COMPACT_MIN_AGE_S = 5.0  # only files this old take part (readers may be plannin
 # (an open_capture() connection, a notebook) can still read them; new snapshots and the glob views skip them.
 SUPERSEDED_GRACE_S = 600.0
 SUPERSEDED = ".superseded.parquet"  # per table folder; not matched by the */*.parquet globs
-SUPERSEDED_SCHEMA = pa.schema([("path", pa.string()), ("t", pa.float64())])
+
+
+def _superseded_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([("path", pa.string()), ("t", pa.float64())])
 
 
 def default_dir() -> Path:
@@ -63,25 +71,32 @@ class CaptureDir:
         self.path = Path(path).expanduser().absolute()
 
     # ---- layout -------------------------------------------------------------------------------------
-    def ensure(self) -> None:
-        """Create the layout (0700 folders) and check it is writable; StoreError with the reason if not."""
+    def ensure(self, files: bool = True) -> None:
+        """Create the layout (0700 folders) and check it is writable; StoreError with the reason if not.
+
+        files=False skips the empty Parquet files (and so pyarrow): the proxy's early check.
+        """
         try:
             if self.path.exists() and not self.path.is_dir():
                 raise StoreError(f"{self.path} exists and is not a directory")
             self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            for name in (*TABLES, "instances"):
+            for name in (*TABLE_NAMES, "instances"):
                 (self.path / name).mkdir(mode=DIR_MODE, exist_ok=True)
             probe = self.path / f".probe-{os.getpid()}"
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
             os.write(fd, b"ok")
             os.close(fd)
             probe.unlink()
+            if not files:
+                return
+            from .schema import TABLES
+
             for table, schema in TABLES.items():
                 empty = self.path / table / EMPTY_PARTITION / "empty.parquet"
                 if not empty.exists():
                     self._write_atomic(empty, schema.empty_table())
                 if not (self.path / table / SUPERSEDED).exists():
-                    self._write_atomic(self.path / table / SUPERSEDED, SUPERSEDED_SCHEMA.empty_table())
+                    self._write_atomic(self.path / table / SUPERSEDED, _superseded_schema().empty_table())
         except StoreError:
             raise
         except OSError as e:
@@ -97,6 +112,9 @@ class CaptureDir:
         return self.path / table / SUPERSEDED
 
     def _read_superseded(self, table: str) -> dict[str, float]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
             t = pq.read_table(self.superseded_path(table))
         except (OSError, pa.ArrowException):
@@ -104,11 +122,15 @@ class CaptureDir:
         return dict(zip(t.column("path").to_pylist(), t.column("t").to_pylist(), strict=True))
 
     def _write_superseded(self, table: str, entries: dict[str, float]) -> None:
-        data = pa.table({"path": list(entries), "t": list(entries.values())}, schema=SUPERSEDED_SCHEMA)
+        import pyarrow as pa
+
+        data = pa.table({"path": list(entries), "t": list(entries.values())}, schema=_superseded_schema())
         self._write_atomic(self.superseded_path(table), data)
 
     # ---- writing ------------------------------------------------------------------------------------
     def _write_atomic(self, final: Path, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
         final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         tmp = final.with_name(final.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
@@ -136,7 +158,7 @@ class CaptureDir:
     def cleanup_tmp(self) -> int:
         """Remove temporary files left by a killed writer. Returns how many."""
         n = 0
-        for table in TABLES:
+        for table in TABLE_NAMES:
             for tmp in (self.path / table).glob("*/*.tmp"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -163,7 +185,7 @@ class CaptureDir:
             ctx = None  # read-only folder of someone else's: no compaction can run there anyway
         try:
             out = {}
-            for t in TABLES:
+            for t in TABLE_NAMES:
                 gone = self._read_superseded(t)
                 out[t] = sorted(p for p in map(str, (self.path / t).glob("*/*.parquet")) if p not in gone)
             return out
@@ -197,6 +219,11 @@ class CaptureDir:
         return merged
 
     def _merge(self, part: Path, files: list[Path], table: str, instance: str, now: float) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .schema import TABLES
+
         schema = TABLES[table]
         out = part / f"c-{time.time_ns():020d}-{instance}.parquet"
         tmp = out.with_name(out.name + ".tmp")
@@ -250,6 +277,8 @@ class CaptureDir:
 
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     """Cast an older segment to the current schema (missing columns become NULL)."""
+    import pyarrow as pa
+
     if t.schema.equals(schema):
         return t
     cols = []

@@ -20,14 +20,13 @@ import pyarrow as pa
 
 from . import providers
 from .contentdecode import DecodeError, make_decoder
+from .messages import CHUNK, END, OPEN, STOP, SYNC
 from .schema import CHUNKS, EVENTS, STREAMS
 from .sse import make_parser
 from .store import CaptureDir, InstanceLock, dead_instances
 
 log = logging.getLogger("mitm_sse")
 
-# Queue message kinds (small ints: cheapest to build on the event loop).
-OPEN, CHUNK, END, SYNC, STOP = 0, 1, 2, 3, 4
 
 MAX_PENDING_BYTES = 512 * 1024 * 1024  # unwritable disk: keep this much in memory, then drop (loudly)
 ITL_SAMPLE_CAP = 100_000  # per stream; a live feed with millions of content events keeps the first ones
@@ -158,6 +157,9 @@ class Writer:
     def _run(self) -> None:
         try:
             self._startup()
+            from .capture import write_views_db
+
+            write_views_db(self.capture)
         except Exception:
             # warning, not error: mitmproxy 12 exits when an error is logged during startup, and a failed
             # recovery must not stop the proxy.

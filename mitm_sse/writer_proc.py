@@ -26,8 +26,8 @@ import threading
 import time
 from typing import Any
 
+from .messages import CHUNK, END, OPEN, STOP, SYNC
 from .store import CaptureDir
-from .writer import CHUNK, END, OPEN, STOP, SYNC, Writer
 
 log = logging.getLogger("mitm_sse")
 
@@ -56,7 +56,7 @@ class WriterClient:
         self._stopping = False
 
     def start(self, timeout: float = 20.0) -> None:
-        self.capture.ensure()
+        self.capture.ensure(files=False)  # the child creates the Parquet files: the proxy never loads pyarrow
         cmd = [sys.executable, "-m", "mitm_sse.writer_proc", str(self.capture.path), self.instance,
                str(self.flush_interval)]  # fmt: skip
         env = dict(os.environ)
@@ -185,6 +185,8 @@ class _SyncReply:
 
 
 def child_main(argv: list[str]) -> int:
+    from .writer import Writer
+
     path, instance = argv[0], argv[1]
     flush = float(argv[2]) if len(argv) > 2 else 0.5
     logging.basicConfig(level=logging.INFO, format="[mitm-sse writer] %(levelname)s %(message)s")
