@@ -11,6 +11,7 @@ Hooks used, and why:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -174,6 +175,12 @@ class Recorder:
         log.info("mitm-sse: recording SSE streams into %s", cap.path)
 
     # ---- hooks --------------------------------------------------------------------------------------
+    def running(self) -> None:
+        # Everything loaded so far lives as long as the proxy: move it out of the GC's generations, so a full
+        # collection (which pauses the event loop, and so every stream) has far fewer objects to walk.
+        gc.collect()
+        gc.freeze()
+
     def request(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         # The URL as the client asked for it: map_remote and other rewrites run after script addons, and the
