@@ -128,23 +128,33 @@ class CaptureDir:
         self._write_atomic(self.superseded_path(table), data)
 
     # ---- writing ------------------------------------------------------------------------------------
-    def _write_atomic(self, final: Path, table: pa.Table) -> None:
-        import pyarrow.parquet as pq
+    @staticmethod
+    @contextlib.contextmanager
+    def _tmp_file(final: Path) -> Iterator[tuple[Path, object]]:
+        """A 0600 temporary file beside `final`, fsynced when the block ends (removed if it fails).
 
-        final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        The caller renames it into place: readers and a SIGKILL only ever see whole files.
+        """
         tmp = final.with_name(final.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             with os.fdopen(fd, "wb", closefd=False) as f:
-                pq.write_table(table, f, compression="zstd", row_group_size=256 * 1024)
+                yield tmp, f
                 f.flush()
             os.fsync(fd)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        os.close(fd)
+        finally:
+            os.close(fd)
+
+    def _write_atomic(self, final: Path, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        final.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        with self._tmp_file(final) as (tmp, f):
+            pq.write_table(table, f, compression="zstd", row_group_size=256 * 1024)
         os.rename(tmp, final)
         _fsync_dir(final.parent)
 
@@ -226,32 +236,20 @@ class CaptureDir:
 
         schema = TABLES[table]
         out = part / f"c-{time.time_ns():020d}-{instance}.parquet"
-        tmp = out.with_name(out.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                with pq.ParquetWriter(f, schema, compression="zstd") as w:
-                    # Streamed in batches (memory bounded by ~128k rows, not by a file), regrouped so the
-                    # output has large row groups even when the inputs are many tiny segments.
-                    pending: list[pa.Table] = []
-                    rows = 0
-                    for src in files:
-                        for batch in pq.ParquetFile(src).iter_batches(batch_size=64 * 1024):
-                            pending.append(_conform(pa.Table.from_batches([batch]), schema))
-                            rows += batch.num_rows
-                            if rows >= 128 * 1024:
-                                w.write_table(pa.concat_tables(pending))
-                                pending, rows = [], 0
-                    if pending:
+        with self._tmp_file(out) as (tmp, f), pq.ParquetWriter(f, schema, compression="zstd") as w:
+            # Streamed in batches (memory bounded by ~128k rows, not by a file), regrouped so the output has
+            # large row groups even when the inputs are many tiny segments.
+            pending: list[pa.Table] = []
+            rows = 0
+            for src in files:
+                for batch in pq.ParquetFile(src).iter_batches(batch_size=64 * 1024):
+                    pending.append(_conform(pa.Table.from_batches([batch]), schema))
+                    rows += batch.num_rows
+                    if rows >= 128 * 1024:
                         w.write_table(pa.concat_tables(pending))
-                f.flush()
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.close(fd)
+                        pending, rows = [], 0
+            if pending:
+                w.write_table(pa.concat_tables(pending))
         with self._lock(fcntl.LOCK_EX):
             # Both in one critical section: a snapshot sees either the inputs or the merged file, never both.
             entries = self._read_superseded(table)
