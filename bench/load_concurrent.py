@@ -27,24 +27,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import multiprocessing as mp
-import os
 import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import (  # noqa: E402
+    SSE_RESPONSE_HEAD,
+    Sampler,
+    machine_line,
+    mb,
+    open_sse,
+    print_failures,
+    read_chunk,
+    serve_until_stopped,
+    upstream_process,
+)
 from mitm_sse import open_capture  # noqa: E402
 from tests.proxy import Mitmdump  # noqa: E402
 
 IDLE_TIMEOUT = 30.0  # a client or upstream write that makes no progress for this long fails the stream
 T_RE = re.compile(rb'"t":(\d+)')
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ---- upstream (its own process) ---------------------------------------------------------------------
@@ -65,10 +71,7 @@ def upstream_main(conn, pad: int) -> None:
             _, _, run, s, n, rate = path.split("/")
             s, n, rate = int(s), int(n), float(rate)
             key = f"{run}/{s}"
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n"
-            )
+            writer.write(SSE_RESPONSE_HEAD)
             t0 = time.monotonic()
             for i in range(n):  # noqa: B007 (i is reported on failure)
                 delay = t0 + i / rate - time.monotonic()
@@ -90,26 +93,7 @@ def upstream_main(conn, pad: int) -> None:
         finally:
             writer.close()
 
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-        conn.send(server.sockets[0].getsockname()[1])
-        loop = asyncio.get_running_loop()
-        while True:  # commands from the parent; ends on "stop", EOF, or the parent's terminate()
-            cmd = await loop.run_in_executor(None, _recv, conn)
-            if cmd == "dump":
-                conn.send(dict(sent))
-            else:
-                break
-        server.close()
-
-    asyncio.run(main())
-
-
-def _recv(conn):
-    try:
-        return conn.recv()
-    except EOFError:
-        return "stop"
+    asyncio.run(serve_until_stopped(conn, handle, sent, backlog=1024))
 
 
 # ---- clients (this process) ---------------------------------------------------------------------------
@@ -121,23 +105,13 @@ async def client(proxy_port: int, up_port: int, run: str, s: int, n: int, rate: 
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(IDLE_TIMEOUT) as cm:
-            r, w = await asyncio.open_connection("127.0.0.1", proxy_port)
-            w.write(
-                f"GET http://127.0.0.1:{up_port}/load/{run}/{s}/{n}/{rate} HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{up_port}\r\nAccept: text/event-stream\r\n\r\n".encode()
-            )
-            await w.drain()
-            head = await r.readuntil(b"\r\n\r\n")
-            if b" 200 " not in head.split(b"\r\n", 1)[0] or b"chunked" not in head.lower():
-                raise RuntimeError(f"unexpected response head {head[:200]!r}")
+            r, w = await open_sse(proxy_port, up_port, f"/load/{run}/{s}/{n}/{rate}")
             tail = b""
             lat = res["lat"]
             for _ in range(4 * n + 16):  # bounded: at most a few HTTP chunks per sent chunk
-                size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await r.readuntil(b"\r\n")
+                data = await read_chunk(r)
+                if data is None:
                     break
-                data = (await r.readexactly(size + 2))[:-2]
                 now = time.time_ns()
                 cm.reschedule(loop.time() + IDLE_TIMEOUT)
                 h.update(data)
@@ -161,73 +135,7 @@ async def client(proxy_port: int, up_port: int, run: str, s: int, n: int, rate: 
     return res
 
 
-# ---- /proc sampling -------------------------------------------------------------------------------------
-def proc_rss_kb(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def proc_cpu_s(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def writer_pid(proxy_pid: int) -> int | None:
-    """The recorder's writer child of *this* mitmdump (other people's proxies may run on the machine)."""
-    try:
-        out = subprocess.run(
-            ["pgrep", "-P", str(proxy_pid), "-f", "mitm_sse.writer_proc"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return int(out[0]) if out else None
-
-
-class Sampler(threading.Thread):
-    """Every second: (t, proxy RSS kB, writer RSS kB, proxy CPU s, writer CPU s). Stops by itself."""
-
-    def __init__(self, proxy_pid: int, recording: bool, max_s: float) -> None:
-        super().__init__(daemon=True)
-        self.proxy_pid, self.recording, self.max_s = proxy_pid, recording, max_s
-        self.wpid = writer_pid(proxy_pid) if recording else None
-        self.samples: list[tuple] = []
-        self.halt = threading.Event()
-
-    def sample(self) -> tuple:
-        if self.recording and self.wpid is None:
-            self.wpid = writer_pid(self.proxy_pid)
-        s = (time.monotonic(), proc_rss_kb(self.proxy_pid), proc_rss_kb(self.wpid),
-             proc_cpu_s(self.proxy_pid), proc_cpu_s(self.wpid))  # fmt: skip
-        self.samples.append(s)
-        return s
-
-    def run(self) -> None:
-        end = time.monotonic() + self.max_s
-        while not self.halt.wait(1.0) and time.monotonic() < end:
-            self.sample()
-
-
-def mb(kb: int | None) -> str:
-    return "-" if kb is None else f"{kb / 1024:.1f}"
-
-
+# ---- figures --------------------------------------------------------------------------------------------
 def pct(vals: list[int], q: float) -> float:
     return vals[min(len(vals) - 1, int(len(vals) * q))] / 1e6
 
@@ -252,7 +160,7 @@ def run_one(name: str, proxy: Mitmdump, up_port: int, conn, a: argparse.Namespac
     recording = proxy.script is not None
     proxy.tmp.mkdir(parents=True, exist_ok=True)
     proxy.start()
-    sampler = Sampler(proxy.proc.pid, recording, a.seconds + 10 * IDLE_TIMEOUT)
+    sampler = Sampler(proxy.proc.pid, a.seconds + 10 * IDLE_TIMEOUT, recording=recording)
     out: dict = {"name": name, "failures": []}
     try:
         time.sleep(1.0)
@@ -391,17 +299,9 @@ def main() -> int:
     n = int(a.seconds * a.rate)
     print(f"load_concurrent: {a.streams} streams x {n} chunks at {a.rate:g}/s each "
           f"(target {a.streams * a.rate:,.0f} chunks/s for {a.seconds:g} s), pad {a.pad}")  # fmt: skip
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}  ({time.strftime('%Y-%m-%d %H:%M')})")  # fmt: skip
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    up = ctx.Process(target=upstream_main, args=(child, a.pad), daemon=True)
-    up.start()
+    print(machine_line())
     results = []
-    try:
-        if not parent.poll(20):
-            raise RuntimeError("the upstream process did not start")
-        up_port = parent.recv()
+    with upstream_process(upstream_main, a.pad) as (parent, up_port):
         with tempfile.TemporaryDirectory(prefix="load-concurrent-") as d:
             for name, script, opts in (
                 ("plain", None, {"stream_large_bodies": "1"}),
@@ -417,15 +317,6 @@ def main() -> int:
                     proxy.stop()
                 results.append(r)
                 report(r, a)
-    finally:
-        try:
-            parent.send("stop")
-        except OSError:
-            pass
-        up.join(5)
-        if up.is_alive():
-            up.kill()
-            up.join(5)
     plain, rec = results
     print("\nrecording vs plain mitmdump, same run:")
     print(f"  chunks/s {rec['cps']:,.0f} vs {plain['cps']:,.0f} (ratio {rec['cps'] / plain['cps']:.3f}); "
@@ -437,10 +328,7 @@ def main() -> int:
     )
     fails = [f"{r['name']}: {f}" for r in results for f in r["failures"]]
     if fails:
-        print(f"\nFAIL: {len(fails)} problems")
-        for f in fails[:40]:
-            print("  " + f)
-        return 1
+        return print_failures(fails)
     print("\nOK: every client byte-identical; every chunk stored exactly once (concatenation per stream)")
     return 0
 

@@ -25,24 +25,30 @@ import argparse
 import asyncio
 import hashlib
 import json
-import multiprocessing as mp
-import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import (  # noqa: E402
+    SSE_RESPONSE_HEAD,
+    Sampler,
+    machine_line,
+    mb,
+    open_sse,
+    print_failures,
+    read_chunk,
+    serve_until_stopped,
+    upstream_process,
+)
 from mitm_sse import open_capture  # noqa: E402
 from tests.proxy import Mitmdump  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 IDLE_TIMEOUT = 30.0  # no progress for this long fails the stream
 KEEPALIVE = b": keep-alive\n\n"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 QUERY = r"""
 import json, os, sys, time
@@ -76,10 +82,7 @@ def upstream_main(conn) -> None:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
             _, _, n, rate = head.split(b" ", 2)[1].decode().split("/")
             n, rate = int(n), float(rate)
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n"
-            )
+            writer.write(SSE_RESPONSE_HEAD)
             t0 = time.monotonic()
             for i in range(n):  # noqa: B007 (i is reported on failure)
                 if rate > 0:
@@ -109,93 +112,7 @@ def upstream_main(conn) -> None:
         finally:
             writer.close()
 
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        conn.send(server.sockets[0].getsockname()[1])
-        loop = asyncio.get_running_loop()
-        while True:  # commands from the parent; ends on "stop", EOF, or the parent's terminate()
-            cmd = await loop.run_in_executor(None, _recv, conn)
-            if cmd == "dump":
-                conn.send(dict(sent))
-            else:
-                break
-        server.close()
-
-    asyncio.run(main())
-
-
-def _recv(conn):
-    try:
-        return conn.recv()
-    except EOFError:
-        return "stop"
-
-
-# ---- /proc sampling -------------------------------------------------------------------------------------
-def proc_rss_kb(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def proc_cpu_s(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def writer_pid(proxy_pid: int) -> int | None:
-    """The recorder's writer child of *this* mitmdump (other people's proxies may run on the machine)."""
-    try:
-        out = subprocess.run(
-            ["pgrep", "-P", str(proxy_pid), "-f", "mitm_sse.writer_proc"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return int(out[0]) if out else None
-
-
-class Sampler(threading.Thread):
-    """Every second: (t, proxy RSS kB, writer RSS kB, proxy CPU s, writer CPU s, client chunks)."""
-
-    def __init__(self, proxy_pid: int, progress: dict, max_s: float) -> None:
-        super().__init__(daemon=True)
-        self.proxy_pid, self.progress, self.max_s = proxy_pid, progress, max_s
-        self.wpid = writer_pid(proxy_pid)
-        self.samples: list[tuple] = []
-        self.halt = threading.Event()
-
-    def sample(self) -> tuple:
-        if self.wpid is None:
-            self.wpid = writer_pid(self.proxy_pid)
-        s = (time.monotonic(), proc_rss_kb(self.proxy_pid), proc_rss_kb(self.wpid),
-             proc_cpu_s(self.proxy_pid), proc_cpu_s(self.wpid), self.progress["blocks"])  # fmt: skip
-        self.samples.append(s)
-        return s
-
-    def run(self) -> None:
-        end = time.monotonic() + self.max_s
-        while not self.halt.wait(1.0) and time.monotonic() < end:
-            self.sample()
-
-
-def mb(kb: int | None) -> str:
-    return "-" if kb is None else f"{kb / 1024:.1f}"
+    asyncio.run(serve_until_stopped(conn, handle, sent))
 
 
 # ---- client and queries (this process) -------------------------------------------------------------------
@@ -205,23 +122,13 @@ async def client(proxy_port: int, up_port: int, n: int, rate: float, progress: d
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(IDLE_TIMEOUT) as cm:
-            r, w = await asyncio.open_connection("127.0.0.1", proxy_port, limit=1 << 20)
-            w.write(
-                f"GET http://127.0.0.1:{up_port}/live/{n}/{rate} HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{up_port}\r\nAccept: text/event-stream\r\n\r\n".encode()
-            )
-            await w.drain()
-            head = await r.readuntil(b"\r\n\r\n")
-            if b" 200 " not in head.split(b"\r\n", 1)[0] or b"chunked" not in head.lower():
-                raise RuntimeError(f"unexpected response head {head[:200]!r}")
+            r, w = await open_sse(proxy_port, up_port, f"/live/{n}/{rate}", limit=1 << 20)
             progress["t_start"] = time.monotonic()
             last = b""
             for _ in range(4 * n + 16):  # bounded: at most a few HTTP chunks per sent chunk
-                size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await r.readuntil(b"\r\n")
+                data = await read_chunk(r)
+                if data is None:
                     break
-                data = (await r.readexactly(size + 2))[:-2]
                 cm.reschedule(loop.time() + IDLE_TIMEOUT)
                 h.update(data)
                 progress["bytes"] += len(data)
@@ -338,23 +245,17 @@ def main() -> int:
         a.chunks, a.query_every = 200_000, 1.0
     print(f"load_longlived: 1 stream x {a.chunks:,} chunks (keep-alive comments and data events alternating), "
           f"{'as fast as the proxy takes them' if not a.rate else f'{a.rate:g} chunks/s'}")  # fmt: skip
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}  ({time.strftime('%Y-%m-%d %H:%M')})")  # fmt: skip
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    up = ctx.Process(target=upstream_main, args=(child,), daemon=True)
-    up.start()
+    print(machine_line())
     fails: list[str] = []
     progress = {"blocks": 0, "bytes": 0}
-    try:
-        if not parent.poll(20):
-            raise RuntimeError("the upstream process did not start")
-        up_port = parent.recv()
+    with upstream_process(upstream_main) as (parent, up_port):
         with tempfile.TemporaryDirectory(prefix="load-longlived-") as d:
             proxy = Mitmdump(Path(d), script="record")
             try:
                 proxy.start()
-                sampler = Sampler(proxy.proc.pid, progress, a.max_seconds + 4 * IDLE_TIMEOUT)
+                sampler = Sampler(
+                    proxy.proc.pid, a.max_seconds + 4 * IDLE_TIMEOUT, extra=lambda: progress["blocks"]
+                )
                 try:
                     time.sleep(1.0)
                     idle = sampler.sample()
@@ -393,15 +294,6 @@ def main() -> int:
                 t = time.monotonic()
                 stored = check_capture(proxy.sse_dir, sent, fails)
                 stored["check_s"] = time.monotonic() - t
-    finally:
-        try:
-            parent.send("stop")
-        except OSError:
-            pass
-        up.join(5)
-        if up.is_alive():
-            up.kill()
-            up.join(5)
 
     t0 = progress.get("t_start", idle[0])
     dur = progress.get("t_end", end[0]) - t0
@@ -451,10 +343,7 @@ def main() -> int:
               f"stored bytes identical to sent: {'yes' if stored.get('identical') else 'NO'} "
               f"(checked in {stored['check_s']:.1f} s); mitmdump exit code {rc}")  # fmt: skip
     if fails:
-        print(f"\nFAIL: {len(fails)} problems")
-        for f in fails[:40]:
-            print("  " + f)
-        return 1
+        return print_failures(fails)
     print(
         "\nOK: byte-identical at the client and in the store, every chunk stored once, queryable while open"
     )
