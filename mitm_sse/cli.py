@@ -821,10 +821,9 @@ def export_cmd(
 # ---- record / mock ------------------------------------------------------------------------------------
 def mitmdump_path() -> str:
     """mitmdump of this environment (next to the interpreter), else the one on PATH."""
-    sibling = Path(sys.executable).parent / ("mitmdump.exe" if os.name == "nt" else "mitmdump")
-    if sibling.is_file():
-        return str(sibling)
-    found = shutil.which("mitmdump")
+    from .mitmdump_proc import find_mitmdump
+
+    found = find_mitmdump()
     if found is None:
         raise UserError("mitmdump not found next to this Python or on PATH (pip install mitmproxy)")
     return found

@@ -8,12 +8,9 @@ here is stopped here, and the proxy gets its own temporary confdir so the user's
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import itertools
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .mitmdump_proc import MitmdumpProcess
 
 PROXY_START_TIMEOUT = 30.0
 FLUSH_TIMEOUT = 10.0
@@ -62,87 +61,33 @@ class DemoResult:
     errors: list[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_demo_dir() -> Path:
     from .store import default_dir
 
     return default_dir() / f"demo-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
-class RecordingProxy:
-    """`mitmdump -s record.py` on a free loopback port with its own confdir; stop() flushes the capture."""
+class RecordingProxy(MitmdumpProcess):
+    """`mitmdump -s record.py` on a free loopback port with its own confdir; stop() flushes the capture
+    (SIGTERM: the recorder's `done` hook ends open streams and writes the last segment)."""
+
+    error = DemoError
+    start_timeout = PROXY_START_TIMEOUT
+    start_attempts = 3
+    stop_timeout = 15.0
 
     def __init__(self, capture: Path, session: str = "demo") -> None:
         self.capture = capture
         self.session = session
-        self.confdir = Path(tempfile.mkdtemp(prefix="mitm-sse-demo-conf-"))
-        self.log_path = self.confdir / "mitmdump.log"
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
+        confdir = Path(tempfile.mkdtemp(prefix="mitm-sse-demo-conf-"))
+        record = Path(__file__).resolve().parent / "record.py"
+        args = ["-s", str(record), "--set", f"sse_dir={capture}", "--set", f"sse_session={session}"]
+        super().__init__(confdir, args, confdir / "mitmdump.log")
 
-    def command(self) -> list[str]:
+    def executable(self) -> list[str]:
         from .cli import mitmdump_path
 
-        return [
-            mitmdump_path(),
-            "-s",
-            str(Path(__file__).resolve().parent / "record.py"),
-            "--listen-host",
-            "127.0.0.1",
-            "--listen-port",
-            str(self.port),
-            "--set",
-            f"confdir={self.confdir}",
-            "--set",
-            f"sse_dir={self.capture}",
-            "--set",
-            f"sse_session={self.session}",
-            "--set",
-            "termlog_verbosity=warn",
-            "--flow-detail",
-            "0",
-        ]
-
-    def start(self, timeout: float = PROXY_START_TIMEOUT) -> int:
-        for _attempt in range(3):  # the free port can be taken between our probe and mitmdump's bind
-            self.port = _free_port()
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-                )
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
-                    return self.port
-                time.sleep(0.05)
-            if self.proc.poll() is None:
-                self.stop()
-                raise DemoError(f"mitmdump did not listen within {timeout:.0f} s: {self.log_tail()}")
-            if "address already in use" not in self.log_tail().lower():
-                break
-        raise DemoError(f"mitmdump exited with code {self.proc.returncode}: {self.log_tail()}")
-
-    def log_tail(self, n: int = 5) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(lines[-n:]) or "(empty log)"
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM: the recorder's `done` hook ends open streams and writes the last segment."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        return [mitmdump_path()]
 
     def cleanup(self) -> None:
         self.stop()

@@ -12,7 +12,6 @@ the machine.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -23,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
@@ -36,6 +34,8 @@ import urllib.request
 from pathlib import Path
 
 import click
+
+from .mitmdump_proc import MitmdumpProcess, mitmdump_command, sibling_mitmdump
 
 CA_BASENAME = "mitmproxy"
 DEFAULT_CONFDIR = Path("~/.mitmproxy")
@@ -92,7 +92,6 @@ STREAM_PARTS = (
     b'lo"}\r',
     b"\n\r\ndata: [DONE]\n\n",
 )
-PROXY_START_TIMEOUT = 20.0
 IO_TIMEOUT = 10.0
 ACK_TIMEOUT = 5.0
 
@@ -778,18 +777,6 @@ def _check_running_proxy(proxy_url: str, ca: CAInfo | None) -> Finding:
 # mitmdump
 
 
-def mitmdump_command() -> list[str]:
-    """How to start the mitmdump of this Python environment (the one that can import mitm_sse)."""
-    exe = Path(sys.executable).parent / ("mitmdump.exe" if os.name == "nt" else "mitmdump")
-    if exe.is_file():
-        return [str(exe)]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from mitmproxy.tools.main import mitmdump; sys.exit(mitmdump())",
-    ]
-
-
 def _check_mitmdump() -> Finding:
     name = "mitmdump"
     try:
@@ -800,7 +787,7 @@ def _check_mitmdump() -> Finding:
         return Finding(
             name, False, f"mitmproxy is not importable from {sys.executable}", "pip install mitm-sse"
         )
-    sibling = Path(sys.executable).parent / ("mitmdump.exe" if os.name == "nt" else "mitmdump")
+    sibling = sibling_mitmdump()
     on_path = shutil.which("mitmdump")
     if on_path is None:
         return Finding(
@@ -874,84 +861,6 @@ class _SSEServer:
     def reset(self) -> None:
         self.ack = threading.Event()
         self.acked_in_time = None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MitmdumpProcess:
-    """A mitmdump subprocess on a free 127.0.0.1 port, stopped (terminate, then kill) on exit."""
-
-    def __init__(self, confdir: Path, extra_args: list[str] | None = None, log_path: Path | None = None):
-        self.confdir = confdir
-        self.extra_args = extra_args or []
-        self.log_path = log_path or confdir / "doctor-mitmdump.log"
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    def start(self, timeout: float = PROXY_START_TIMEOUT) -> None:
-        for _attempt in range(2):  # a second try if the free port was taken between bind and listen
-            self.port = _free_port()
-            cmd = mitmdump_command() + [
-                "--listen-host",
-                "127.0.0.1",
-                "--listen-port",
-                str(self.port),
-                "--set",
-                f"confdir={self.confdir}",
-                "--set",
-                "termlog_verbosity=warn",
-                "--flow-detail",
-                "0",
-                *self.extra_args,
-            ]
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-                )
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
-                ):
-                    return
-                time.sleep(0.05)
-            if self.proc.poll() is None:
-                self.stop()
-                raise RuntimeError(f"mitmdump did not listen within {timeout:.0f} s. {self.log_tail()}")
-            if "address already in use" not in self.log_tail().lower():
-                break
-        raise RuntimeError(f"mitmdump exited with code {self.proc.returncode}. {self.log_tail()}")
-
-    def log_tail(self, n: int = 4) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def __enter__(self) -> MitmdumpProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _stream_once(

@@ -8,11 +8,9 @@ with Mitmdump(tmp_path, script="record") as proxy:
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,25 +18,17 @@ import duckdb
 
 import mitm_sse
 from mitm_sse.capture import open_capture
+from mitm_sse.mitmdump_proc import find_mitmdump, free_port
 
 PKG = Path(mitm_sse.__file__).resolve().parent
 RUNNING: set[Mitmdump] = set()  # stopped by the autouse fixture in conftest.py if a test forgot
 
 
 def mitmdump_bin() -> str:
-    here = Path(sys.executable).parent / "mitmdump"
-    if here.exists():
-        return str(here)
-    found = shutil.which("mitmdump")
+    found = find_mitmdump()
     if not found:
         raise RuntimeError("mitmdump not found next to the interpreter or on PATH")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mitmdump:

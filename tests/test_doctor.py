@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from mitmproxy.certs import CertStore
 
 from mitm_sse import doctor as d
+from mitm_sse.mitmdump_proc import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -184,7 +185,7 @@ def test_missing_cert_file_never_suggests_copying_the_key(own_ca):
 
 
 def test_proxy_environment(monkeypatch, ca_dir):
-    port = d._free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     monkeypatch.setenv("HTTPS_PROXY", f"http://alice:s3cret@127.0.0.1:{port}")
     monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1,.openai.com")
