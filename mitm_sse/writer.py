@@ -131,6 +131,12 @@ class Writer:
     def start(self) -> None:
         self.capture.ensure()
         self._lock = InstanceLock(self.capture, self.instance)
+        try:  # before the proxy reports ready: `duckdb <dir>/capture.duckdb` works as soon as it listens
+            from .capture import write_views_db
+
+            write_views_db(self.capture)
+        except Exception as e:  # the Parquet files are the store; the views file is a convenience
+            log.warning("mitm-sse: could not write %s/capture.duckdb: %s", self.capture.path, e)
         self._thread = threading.Thread(target=self._run, name="mitm-sse-writer", daemon=True)
         self.alive = True
         self._thread.start()
@@ -157,9 +163,6 @@ class Writer:
     def _run(self) -> None:
         try:
             self._startup()
-            from .capture import write_views_db
-
-            write_views_db(self.capture)
         except Exception:
             # warning, not error: mitmproxy 12 exits when an error is logged during startup, and a failed
             # recovery must not stop the proxy.
