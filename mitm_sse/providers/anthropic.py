@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from .base import (
-    KIND_REASONING,
-    KIND_TEXT,
-    KIND_TOOL_CALL,
-    Decoder,
-    Part,
-    as_int,
-    error_text,
-    loads,
-)
+from .base import KIND_REASONING, KIND_TEXT, KIND_TOOL_CALL, Decoder, Part, error_text
 
 # Events with nothing to read: decided from the event line alone, without parsing the data.
 _SKIP = frozenset({"ping", "content_block_stop", "message_stop"})
@@ -24,10 +15,7 @@ class AnthropicDecoder(Decoder):
     def _decode(self, event: str, data: str) -> list[Part] | None:
         if event in _SKIP:
             return None
-        obj = loads(data)
-        if not isinstance(obj, dict):
-            return None
-        return self._handle(event, obj)
+        return super()._decode(event, data)
 
     def _handle(self, event: str, obj: dict) -> list[Part] | None:
         etype = obj.get("type") or event
@@ -61,9 +49,7 @@ class AnthropicDecoder(Decoder):
             return None
         if etype == "message_start":
             msg = obj.get("message") or {}
-            model = msg.get("model")
-            if model and isinstance(model, str):
-                self.model = model
+            self._set_model(msg.get("model"))
             # message_start's output_tokens is a placeholder (1-ish): only message_delta's count is kept.
             self._usage(msg.get("usage"), final=False)
             return None
@@ -75,10 +61,4 @@ class AnthropicDecoder(Decoder):
         if not isinstance(usage, dict):
             return
         # input_tokens is kept as Anthropic reports it: it excludes cache_read/cache_creation tokens.
-        n = as_int(usage.get("input_tokens"))
-        if n is not None:
-            self.input_tokens = n
-        if final:
-            n = as_int(usage.get("output_tokens"))
-            if n is not None:
-                self.output_tokens = n
+        self._set_tokens(usage.get("input_tokens"), usage.get("output_tokens") if final else None)

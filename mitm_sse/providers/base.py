@@ -115,7 +115,8 @@ def json_args(args: Any) -> str:
 
 
 class Decoder:
-    """Base decoder. Subclasses implement ``_decode`` and set the metadata attributes as they go."""
+    """Base decoder. Subclasses implement ``_handle`` (one parsed JSON object) or ``_decode`` (the raw event)
+    and set the metadata attributes as they go."""
 
     provider: str = "generic"
 
@@ -128,8 +129,33 @@ class Decoder:
         self.error: str | None = None
         self.n_content_events = 0
 
-    def _decode(self, event: str, data: str) -> list[Part] | None:  # pragma: no cover - abstract
+    def _decode(self, event: str, data: str) -> list[Part] | None:
+        """Parse the data as JSON; an object goes to ``_handle``, anything else is not content."""
+        obj = loads(data)
+        if not isinstance(obj, dict):
+            return None
+        return self._handle(event, obj)
+
+    def _handle(self, event: str, obj: dict) -> list[Part] | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _set_model(self, model: Any) -> None:
+        """Keep a non-empty model name the stream reports."""
+        if model and isinstance(model, str):
+            self.model = model
+
+    def _set_error(self, err: Any) -> None:
+        if err:
+            self.error = error_text(err)
+
+    def _set_tokens(self, input_tokens: Any = None, output_tokens: Any = None) -> None:
+        """Keep each count that is an integer; a missing or malformed one leaves the current value."""
+        n = as_int(input_tokens)
+        if n is not None:
+            self.input_tokens = n
+        n = as_int(output_tokens)
+        if n is not None:
+            self.output_tokens = n
 
     def feed(self, event: str, data: str) -> Delta | None:
         """Decode one event. Never raises: anything malformed is simply not content."""

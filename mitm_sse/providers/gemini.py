@@ -10,7 +10,6 @@ from .base import (
     Part,
     RequestInfo,
     as_int,
-    error_text,
     json_args,
     loads,
 )
@@ -48,15 +47,11 @@ class GeminiDecoder(Decoder):
         return self._handle(event, obj)
 
     def _handle(self, event: str, obj: dict) -> list[Part] | None:
-        model = obj.get("modelVersion")
-        if model and isinstance(model, str):
-            self.model = model
+        self._set_model(obj.get("modelVersion"))
         usage = obj.get("usageMetadata")
         if isinstance(usage, dict):
             self._usage(usage)
-        err = obj.get("error")
-        if err:
-            self.error = error_text(err)
+        self._set_error(obj.get("error"))
         feedback = obj.get("promptFeedback")
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self.stop_reason = feedback["blockReason"]  # blocked prompt: no candidates at all
@@ -88,9 +83,7 @@ class GeminiDecoder(Decoder):
         return out
 
     def _usage(self, usage: dict) -> None:
-        n = as_int(usage.get("promptTokenCount"))
-        if n is not None:
-            self.input_tokens = n
+        self._set_tokens(usage.get("promptTokenCount"))
         cands = as_int(usage.get("candidatesTokenCount"))
         thoughts = as_int(usage.get("thoughtsTokenCount"))
         # Thinking tokens are generated (and their events count as content): include them.

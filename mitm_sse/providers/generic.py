@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from .base import KIND_REASONING, KIND_TEXT, Decoder, Part, as_int, error_text, loads
+from .base import KIND_REASONING, KIND_TEXT, Decoder, Part
 
 
 class GenericDecoder(Decoder):
+    """Plain-text data fails the JSON parse of ``Decoder._decode`` and is not content: a guess would be
+    wrong too often."""
+
     provider = "generic"
 
-    def _decode(self, event: str, data: str) -> list[Part] | None:
-        obj = loads(data)  # plain-text data fails here and is not content: a guess would be wrong too often
-        if not isinstance(obj, dict):
-            return None
-        return self._handle(event, obj)
-
     def _handle(self, event: str, obj: dict) -> list[Part] | None:
-        model = obj.get("model")
-        if model and isinstance(model, str):
-            self.model = model
-        err = obj.get("error")
-        if err:
-            self.error = error_text(err)
+        self._set_model(obj.get("model"))
+        self._set_error(obj.get("error"))
         self._meta(obj)
         token = obj.get("token")
         if isinstance(token, dict):
@@ -46,9 +39,7 @@ class GenericDecoder(Decoder):
     def _meta(self, obj: dict) -> None:
         details = obj.get("details")  # TGI's last event
         if isinstance(details, dict):
-            n = as_int(details.get("generated_tokens"))
-            if n is not None:
-                self.output_tokens = n
+            self._set_tokens(output_tokens=details.get("generated_tokens"))
             if details.get("finish_reason"):
                 self.stop_reason = str(details["finish_reason"])
         finish = obj.get("finish_reason") or obj.get("stop_reason")
@@ -56,9 +47,7 @@ class GenericDecoder(Decoder):
             self.stop_reason = finish
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            n = as_int(usage.get("input_tokens", usage.get("prompt_tokens")))
-            if n is not None:
-                self.input_tokens = n
-            n = as_int(usage.get("output_tokens", usage.get("completion_tokens")))
-            if n is not None:
-                self.output_tokens = n
+            self._set_tokens(
+                usage.get("input_tokens", usage.get("prompt_tokens")),
+                usage.get("output_tokens", usage.get("completion_tokens")),
+            )

@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-from .base import (
-    KIND_REASONING,
-    KIND_TEXT,
-    KIND_TOOL_CALL,
-    Decoder,
-    Part,
-    RequestInfo,
-    as_int,
-    error_text,
-    json_args,
-    loads,
-)
+from .base import KIND_REASONING, KIND_TEXT, KIND_TOOL_CALL, Decoder, Part, RequestInfo, json_args
 
 
 class OllamaDecoder(Decoder):
@@ -23,26 +12,11 @@ class OllamaDecoder(Decoder):
         super().__init__(info)
         self._n_calls = 0  # tool calls arrive whole and unnumbered: number them for the reconstruction
 
-    def _decode(self, event: str, data: str) -> list[Part] | None:
-        obj = loads(data)
-        if not isinstance(obj, dict):
-            return None
-        return self._handle(event, obj)
-
     def _handle(self, event: str, obj: dict) -> list[Part] | None:
-        model = obj.get("model")
-        if model and isinstance(model, str):
-            self.model = model
-        err = obj.get("error")
-        if err:
-            self.error = error_text(err)
+        self._set_model(obj.get("model"))
+        self._set_error(obj.get("error"))
         if obj.get("done"):
-            n = as_int(obj.get("prompt_eval_count"))
-            if n is not None:
-                self.input_tokens = n
-            n = as_int(obj.get("eval_count"))
-            if n is not None:
-                self.output_tokens = n
+            self._set_tokens(obj.get("prompt_eval_count"), obj.get("eval_count"))
             reason = obj.get("done_reason")
             if reason:
                 self.stop_reason = reason

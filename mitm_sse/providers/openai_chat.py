@@ -17,10 +17,7 @@ from .base import (
     Decoder,
     Part,
     RequestInfo,
-    as_int,
-    error_text,
     json_args,
-    loads,
 )
 
 
@@ -45,18 +42,11 @@ class OpenAIChatDecoder(Decoder):
     def _decode(self, event: str, data: str) -> list[Part] | None:
         if data == "[DONE]":  # the end marker is not JSON: skip the parse
             return None
-        obj = loads(data)
-        if not isinstance(obj, dict):
-            return None
-        return self._handle(event, obj)
+        return super()._decode(event, data)
 
     def _handle(self, event: str, obj: dict) -> list[Part] | None:
-        model = obj.get("model")
-        if model and isinstance(model, str):  # Azure's first chunk has model ""
-            self.model = model
-        err = obj.get("error")
-        if err:
-            self.error = error_text(err)
+        self._set_model(obj.get("model"))  # Azure's first chunk has model "": kept out
+        self._set_error(obj.get("error"))
         usage = obj.get("usage")
         if not usage:
             groq = obj.get("x_groq")  # Groq puts usage in its own extension
@@ -68,9 +58,7 @@ class OpenAIChatDecoder(Decoder):
             if isinstance(timings, dict):
                 # llama.cpp without usage: predicted_n is the generated-token count. Its prompt_n leaves
                 # out cached prompt tokens, so it is not used as input_tokens.
-                n = as_int(timings.get("predicted_n"))
-                if n is not None:
-                    self.output_tokens = n
+                self._set_tokens(output_tokens=timings.get("predicted_n"))
         choices = obj.get("choices")
         if not choices:  # the usage chunk of stream_options.include_usage has choices: []
             return None
@@ -127,9 +115,4 @@ class OpenAIChatDecoder(Decoder):
 
     def _usage(self, usage: dict) -> None:
         self._seen_usage = True
-        n = as_int(usage.get("prompt_tokens"))
-        if n is not None:
-            self.input_tokens = n
-        n = as_int(usage.get("completion_tokens"))
-        if n is not None:
-            self.output_tokens = n
+        self._set_tokens(usage.get("prompt_tokens"), usage.get("completion_tokens"))

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from .base import (
-    KIND_REASONING,
-    KIND_REFUSAL,
-    KIND_TEXT,
-    KIND_TOOL_CALL,
-    Decoder,
-    Part,
-    as_int,
-    error_text,
-    loads,
-)
+from .base import KIND_REASONING, KIND_REFUSAL, KIND_TEXT, KIND_TOOL_CALL, Decoder, Part, error_text
 
 _DELTA_KINDS = {
     "response.output_text.delta": KIND_TEXT,
@@ -35,10 +25,7 @@ class OpenAIResponsesDecoder(Decoder):
         # repeats `created`: skip them before parsing. Only possible when the event line names the type.
         if event.endswith(".done") or event == "response.in_progress":
             return None
-        obj = loads(data)
-        if not isinstance(obj, dict):
-            return None
-        return self._handle(event, obj)
+        return super()._decode(event, data)
 
     def _handle(self, event: str, obj: dict) -> list[Part] | None:
         etype = obj.get("type") or event
@@ -68,17 +55,10 @@ class OpenAIResponsesDecoder(Decoder):
         return None
 
     def _response(self, etype: str, resp: dict) -> None:
-        model = resp.get("model")
-        if model and isinstance(model, str):
-            self.model = model
+        self._set_model(resp.get("model"))
         usage = resp.get("usage")
         if usage:
-            n = as_int(usage.get("input_tokens"))
-            if n is not None:
-                self.input_tokens = n
-            n = as_int(usage.get("output_tokens"))
-            if n is not None:
-                self.output_tokens = n
+            self._set_tokens(usage.get("input_tokens"), usage.get("output_tokens"))
         if etype == "response.created":
             return
         status = resp.get("status") or etype.rsplit(".", 1)[1]
