@@ -168,6 +168,16 @@ def _output_mode(as_json: bool, as_csv: bool) -> str:
     return "json" if as_json else "csv" if as_csv else "table"
 
 
+def _filters(session: str | None, host: str | None, model: str | None) -> tuple[str, list[str]]:
+    """The --session/--host/--model filters as an SQL condition ("" for none) and its parameters."""
+    conds, params = [], []
+    for col, val in (("session", session), ("host", host), ("model", model)):
+        if val is not None:
+            conds.append(f"{col} = ?")
+            params.append(val)
+    return " AND ".join(conds), params
+
+
 # ---- group --------------------------------------------------------------------------------------------
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mitm-sse")
@@ -197,12 +207,8 @@ def ls_cmd(
     """Recent streams: time, host, path, model, status, chunks, TTFT, total."""
     mode = _output_mode(as_json, as_csv)
     con = _open(dir_)
-    conds, params = [], []
-    for col, val in (("session", session), ("host", host), ("model", model)):
-        if val is not None:
-            conds.append(f"{col} = ?")
-            params.append(val)
-    where = ("WHERE " + " AND ".join(conds)) if conds else ""
+    cond, params = _filters(session, host, model)
+    where = f"WHERE {cond}" if cond else ""
     cur = con.execute(
         f"""SELECT stream_id, t_request_ns, session, method, host, path, provider, model, status, end_reason,
                    n_chunks, n_events, output_tokens, ttfb_ms, ttft_ms, e2e_ms, tokens_per_s
@@ -220,7 +226,7 @@ def ls_cmd(
         return
     console = _console()
     if not rows:
-        console.print(f"no streams in {_capture_dir(dir_)}" + (" matching the filters" if conds else ""))
+        console.print(f"no streams in {_capture_dir(dir_)}" + (" matching the filters" if cond else ""))
         return
     out = []
     for r in rows:
@@ -283,12 +289,8 @@ def stats_rows(
     """The `stats` computation (columns, rows): the code path the CLI and bench/bench_stats.py time."""
     from .metrics import summary_sql
 
-    conds, params = [], []
-    for col, val in (("session", session), ("host", host), ("model", model)):
-        if val is not None:
-            conds.append(f"{col} = ?")
-            params.append(val)
-    cur = con.execute(summary_sql(list(by), " AND ".join(conds)), params)
+    cond, params = _filters(session, host, model)
+    cur = con.execute(summary_sql(list(by), cond), params)
     return [d[0] for d in cur.description], cur.fetchall()
 
 
@@ -377,12 +379,8 @@ def stats_cmd(
     if pooled_itl:
         from .metrics import pooled_itl_sql
 
-        conds, params = [], []
-        for col, val in (("session", session), ("host", host), ("model", model)):
-            if val is not None:
-                conds.append(f"{col} = ?")
-                params.append(val)
-        cur = con.execute(pooled_itl_sql(keys, " AND ".join(conds)), params)
+        cond, params = _filters(session, host, model)
+        cur = con.execute(pooled_itl_sql(keys, cond), params)
         pcols, prows = [d[0] for d in cur.description], cur.fetchall()
     if mode == "json":
         out: Any = [dict(zip(cols, r, strict=True)) for r in rows]
