@@ -11,31 +11,16 @@ from pathlib import Path
 from mitm_sse.capture import open_capture
 
 
-def test_demo_end_to_end(tmp_path: Path) -> None:
+def test_demo_end_to_end(tmp_path: Path, run_demo) -> None:
     cap = tmp_path / "demo"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mitm_sse.cli",
-            "demo",
-            "--dir",
-            str(cap),
-            "--requests",
-            "8",
-            "--concurrency",
-            "4",
-            "--speed",
-            "8",
-            "--seed",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    p = run_demo(
+        cap,
+        requests=8,
+        concurrency=4,
+        speed=8,
+        seed=1,
         env={**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"},
     )
-    assert p.returncode == 0, p.stdout + p.stderr
     assert "8/8 streams completed, 8 recorded" in p.stdout
     for model in ("fake-gpt-fast", "fake-gpt", "fake-claude", "fake-claude-fast"):
         assert model in p.stdout

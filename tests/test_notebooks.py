@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,30 +14,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 @pytest.fixture(scope="module")
-def demo_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_capture(tmp_path_factory: pytest.TempPathFactory, run_demo) -> Path:
     cap = tmp_path_factory.mktemp("nb") / "demo"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mitm_sse.cli",
-            "demo",
-            "--dir",
-            str(cap),
-            "--requests",
-            "16",
-            "--concurrency",
-            "8",
-            "--speed",
-            "10",
-            "--seed",
-            "7",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
+    run_demo(cap, requests=16, concurrency=8, speed=10, seed=7)
     return cap
 
 
