@@ -32,8 +32,9 @@ FILE_MODE = 0o600
 EMPTY_PARTITION = "day=1970-01-01"  # holds one empty file per table so globs always match something
 COMPACT_MIN_FILES = 24  # merge a partition's small files once this many are sealed
 # Files above this are left alone: a merged file stops being rewritten once it is this big, so compaction
-# costs O(new data), not O(capture) (an earlier 64 MB bound rewrote growing files every 30 s).
-COMPACT_SMALL_BYTES = 16 * 1024 * 1024
+# costs O(new data), not O(capture) (a 64 MB bound rewrote growing files every 30 s and grew the writer's
+# memory by hundreds of MB on a long feed; 16 MB still stepped it up at each merge).
+COMPACT_SMALL_BYTES = 4 * 1024 * 1024
 COMPACT_MIN_AGE_S = 5.0  # only files this old take part (readers may be planning on the newest)
 # Compacted inputs stay on disk this long, listed as superseded, so that a reader holding an older snapshot
 # (an open_capture() connection, a notebook) can still read them; new snapshots and the glob views skip them.
@@ -237,15 +238,16 @@ class CaptureDir:
         schema = TABLES[table]
         out = part / f"c-{time.time_ns():020d}-{instance}.parquet"
         with self._tmp_file(out) as (tmp, f), pq.ParquetWriter(f, schema, compression="zstd") as w:
-            # Streamed in batches (memory bounded by ~128k rows, not by a file), regrouped so the output has
+            # Streamed in batches (memory bounded by ~64k rows, not by a file), regrouped so the output has
             # large row groups even when the inputs are many tiny segments.
             pending: list[pa.Table] = []
             rows = 0
             for src in files:
-                for batch in pq.ParquetFile(src).iter_batches(batch_size=64 * 1024):
+                reader = pq.ParquetFile(src, pre_buffer=False)
+                for batch in reader.iter_batches(batch_size=16 * 1024, use_threads=False):
                     pending.append(_conform(pa.Table.from_batches([batch]), schema))
                     rows += batch.num_rows
-                    if rows >= 128 * 1024:
+                    if rows >= 64 * 1024:
                         w.write_table(pa.concat_tables(pending))
                         pending, rows = [], 0
             if pending:
