@@ -190,6 +190,9 @@ def child_main(argv: list[str]) -> int:
 
     path, instance = argv[0], argv[1]
     flush = float(argv[2]) if len(argv) > 2 else 0.5
+    # The proxy is latency-critical, the writer is not (it buffers): when CPU is short, the proxy goes first.
+    with contextlib.suppress(OSError):
+        os.nice(10)
     logging.basicConfig(level=logging.INFO, format="[mitm-sse writer] %(levelname)s %(message)s")
     out = sys.stdout.buffer
     out_lock = threading.Lock()
