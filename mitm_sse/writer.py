@@ -28,6 +28,7 @@ from .store import CaptureDir, InstanceLock, dead_instances
 log = logging.getLogger("mitm_sse")
 
 
+MAX_BUFFERED_ROWS = 50_000  # flush early on fast feeds: smaller batches, smaller peaks of memory
 MAX_PENDING_BYTES = 512 * 1024 * 1024  # unwritable disk: keep this much in memory, then drop (loudly)
 ITL_SAMPLE_CAP = 100_000  # per stream; a live feed with millions of content events keeps the first ones
 
@@ -191,7 +192,7 @@ class Writer:
                         msg[1].set()
                     elif kind == STOP:
                         break
-                    if self._n_rows < 200_000:
+                    if self._n_rows < MAX_BUFFERED_ROWS:
                         continue
                 if time.monotonic() >= next_flush or msg is not None:
                     self._flush()
