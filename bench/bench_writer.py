@@ -95,13 +95,13 @@ def bench_writer(n_chunks: int, n_streams: int) -> dict:
 
 
 def bench_tap(n: int = 200_000) -> dict:
-    from mitm_sse.recorder import Recorder, Tap
+    from mitm_sse.recorder import Tap
+    from mitm_sse.writer_proc import WriterClient
 
     with tempfile.TemporaryDirectory() as d:
-        rec = Recorder()
-        rec.writer = Writer(CaptureDir(d), "tapbench")  # not started: we measure the enqueue only
-        rec.writer.alive = True
-        tap = Tap("sid", rec.writer, None)
+        writer = WriterClient(CaptureDir(d), "tapbench")  # not started: we measure the enqueue only
+        writer.alive = True
+        tap = Tap("sid", writer, None)
         data = openai_chunk(1)
 
         def ident(b: bytes) -> bytes:
@@ -116,8 +116,8 @@ def bench_tap(n: int = 200_000) -> dict:
                 fn(data)
                 samples.append(pc() - t)
                 if i % 20_000 == 0:  # drain so the queue does not grow without bound
-                    while not rec.writer.q.empty():
-                        rec.writer.q.get_nowait()
+                    while not writer.q.empty():
+                        writer.q.get_nowait()
             samples.sort()
             out[name] = (
                 samples[n // 2] / 1000,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +24,7 @@ from mitmproxy import connection, ctx, exceptions, flowfilter, http
 
 from .messages import CHUNK, END, OPEN
 from .sse import stream_kind
-from .store import CaptureDir, StoreError, default_dir
+from .store import CaptureDir, StoreError, default_dir, new_instance_id
 from .writer_proc import WriterClient
 
 log = logging.getLogger("mitm_sse")
@@ -166,7 +165,7 @@ class Recorder:
             self._close_all("proxy_shutdown", "capture folder changed")
             self.writer.stop()
         self.capture = cap
-        self.writer = WriterClient(cap, _new_instance_id())
+        self.writer = WriterClient(cap, new_instance_id())
         try:
             self.writer.start()
         except (OSError, StoreError) as e:
@@ -182,16 +181,9 @@ class Recorder:
         gc.freeze()
 
     def request(self, flow: http.HTTPFlow) -> None:
-        req = flow.request
         # The URL as the client asked for it: map_remote and other rewrites run after script addons, and the
         # Mock matches on this too, so a capture made through map_remote replays to the same client request.
-        flow.metadata["mitm_sse.client_url"] = [
-            req.scheme,
-            req.pretty_host,
-            req.port,
-            req.path,
-            req.pretty_url,
-        ]
+        flow.metadata["mitm_sse.client_url"] = _client_url(flow.request)
         label = flow.request.headers.get(SESSION_HEADER)
         if label is not None:
             flow.metadata["mitm_sse.session"] = label
@@ -264,13 +256,7 @@ class Recorder:
         assert resp is not None
         now = time.time_ns()
         sid = f"{now:016x}{flow.id[:8]}"
-        scheme, host, port, path, client_url = flow.metadata.get("mitm_sse.client_url") or (
-            req.scheme,
-            req.pretty_host,
-            req.port,
-            req.path,
-            req.pretty_url,
-        )
+        scheme, host, port, path, client_url = flow.metadata.get("mitm_sse.client_url") or _client_url(req)
         url, query = redact_query(client_url, self.redact_params)
         raw = req.raw_content
         body_text = body_raw = None
@@ -323,7 +309,7 @@ class Recorder:
 
         def restart() -> None:
             try:
-                new = WriterClient(cap, _new_instance_id())
+                new = WriterClient(cap, new_instance_id())
                 new.start()
             except Exception as e:
                 log.error(
@@ -377,6 +363,11 @@ class Recorder:
         put((END, sid, t_end, "complete", None))
 
 
+def _client_url(req: http.Request) -> list:
+    """[scheme, host, port, path, url] of the request as it is now."""
+    return [req.scheme, req.pretty_host, req.port, req.path, req.pretty_url]
+
+
 def _gone(conn: connection.Connection | None) -> bool:
     """The peer closed its side (mitmproxy clears CAN_READ on EOF, before the layers see it)."""
     if conn is None:
@@ -405,10 +396,6 @@ def classify_error(flow: http.HTTPFlow, msg: str) -> str:
         if not server_h2:
             return "client_disconnected"
     return "server_error"
-
-
-def _new_instance_id() -> str:
-    return f"{os.getpid():x}{os.urandom(3).hex()}"
 
 
 def _request_model(body: str | None) -> str | None:

@@ -241,7 +241,7 @@ class ReplayServer:
                 # Replay the fault: cut after the last recorded chunk, at the recorded end time.
                 if rec.t_end_ns:
                     await until(due(rec.t_end_ns))
-                _reset(writer)
+                reset_connection(writer)
                 return False
         else:
             # Loop: the gap from the last chunk to the next round's first is the recorded headers→first
@@ -274,7 +274,7 @@ class ReplayServer:
         return True
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
+def reset_connection(writer: asyncio.StreamWriter) -> None:
     """Close with a TCP RST: the proxy sees a broken body, as it did when recording."""
     sock = writer.get_extra_info("socket")
     if sock is not None:

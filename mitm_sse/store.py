@@ -307,6 +307,11 @@ class InstanceLock:
             self._fd = -1
 
 
+def new_instance_id() -> str:
+    """Names a recorder's writer: its lock file, its segments, its stream rows."""
+    return f"{os.getpid():x}{os.urandom(3).hex()}"
+
+
 def dead_instances(capture: CaptureDir) -> list[tuple[str, Path]]:
     """Instances whose lock file is not held by a live process."""
     out = []

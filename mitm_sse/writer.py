@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -109,8 +108,6 @@ class Writer:
         self.instance = instance
         self.flush_interval = flush_interval
         self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self.enqueued_bytes = 0  # kept by the tap (event loop)
-        self.dequeued_bytes = 0  # written by this thread only
         self.streams: dict[str, _Stream] = {}
         self._cols: dict[str, dict[str, list]] = {}
         self._reset_buffers()
@@ -180,17 +177,7 @@ class Writer:
                     except queue.Empty:
                         msg = None
                 if msg is not None:
-                    kind = msg[0]
-                    if kind == CHUNK:
-                        self._chunk(msg[1], msg[2], msg[3])
-                    elif kind == OPEN:
-                        self._open(msg[1])
-                    elif kind == END:
-                        self._end(msg[1], msg[2], msg[3], msg[4])
-                    elif kind == SYNC:
-                        self._flush()
-                        msg[1].set()
-                    elif kind == STOP:
+                    if self._handle(msg):
                         break
                     if self._n_rows < MAX_BUFFERED_ROWS:
                         continue
@@ -205,15 +192,7 @@ class Writer:
         # STOP: drain what is left, close open streams, final flush.
         try:
             while True:
-                msg = self.q.get_nowait()
-                if msg[0] == CHUNK:
-                    self._chunk(msg[1], msg[2], msg[3])
-                elif msg[0] == OPEN:
-                    self._open(msg[1])
-                elif msg[0] == END:
-                    self._end(msg[1], msg[2], msg[3], msg[4])
-                elif msg[0] == SYNC:
-                    msg[1].set()
+                self._handle(self.q.get_nowait())
         except queue.Empty:
             pass
         now = time.time_ns()
@@ -223,6 +202,22 @@ class Writer:
         if self._pending:
             log.error("mitm-sse: %d segments could not be written at shutdown", len(self._pending))
         self.alive = False
+
+    def _handle(self, msg: tuple) -> bool:
+        """Apply one queue message; True for STOP."""
+        kind = msg[0]
+        if kind == CHUNK:
+            self._chunk(msg[1], msg[2], msg[3])
+        elif kind == OPEN:
+            self._open(msg[1])
+        elif kind == END:
+            self._end(msg[1], msg[2], msg[3], msg[4])
+        elif kind == SYNC:
+            self._flush()
+            msg[1].set()
+        elif kind == STOP:
+            return True
+        return False
 
     def _startup(self) -> None:
         from .migrations import migrate
@@ -266,7 +261,6 @@ class Writer:
             e["content_kind"],
         )
         self._n_rows = 0
-        self._n_bytes = 0
 
     def _add_stream_row(self, row: dict[str, Any]) -> None:
         cols = self._cols["streams"]
@@ -283,20 +277,18 @@ class Writer:
         row["rev"] = 0
         self._add_stream_row(dict(row))
 
-    def _chunk(self, sid: str, t_ns: int, data: bytes | None) -> None:
+    def _chunk(self, sid: str, t_ns: int, data: bytes | tuple[int]) -> None:
         st = self.streams.get(sid)
         if st is None:
             return
         seq = st.seq
         st.seq = seq + 1
-        size = len(data) if data is not None else 0
-        if data is None:
-            st.store_error = "chunk data dropped: the writer fell behind (memory cap)"
-        elif type(data) is tuple:  # (size,) marker from the tap: data dropped, size known
+        if type(data) is tuple:  # (size,) marker from the tap: data dropped, size known
             size = data[0]
             data = None
             st.store_error = "chunk data dropped: the writer fell behind (memory cap)"
-        self.dequeued_bytes += size
+        else:
+            size = len(data)
         st.n_bytes += size
         if st.t_first_chunk is None:
             st.t_first_chunk = t_ns
@@ -308,7 +300,6 @@ class Writer:
         self._c_data.append(data)
         st.last_t = t_ns
         self._n_rows += 1
-        self._n_bytes += size
         if st.parser is None or data is None:
             return
         if st.decode is not None:
@@ -496,7 +487,3 @@ def _to_table(cols: dict[str, list], schema: pa.Schema) -> pa.Table:
             for name, col in cols.items()
         }
         return pa.Table.from_pydict(cleaned, schema=schema)
-
-
-def new_instance_id() -> str:
-    return f"{os.getpid():x}{os.urandom(3).hex()}"

@@ -38,7 +38,7 @@ SHIP_INTERVAL = 0.005  # seconds the shipper waits for more messages before send
 
 
 class WriterClient:
-    """Proxy side: the same surface as Writer (q.put, dequeued_bytes, alive, sync, stop)."""
+    """Proxy side of the writer: q.put, alive, sync, stop, and the tap's backlog counters."""
 
     def __init__(self, capture: CaptureDir, instance: str, flush_interval: float = 0.5) -> None:
         self.capture = capture
@@ -46,7 +46,7 @@ class WriterClient:
         self.flush_interval = flush_interval
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.enqueued_bytes = 0  # chunk bytes put on q (written by the event loop only)
-        self.dequeued_bytes = 0  # bytes of chunk data shipped to the child (written by the shipper only)
+        self.dequeued_bytes = 0  # pickled bytes shipped to the child (written by the shipper only)
         self.alive = False
         self.proc: subprocess.Popen | None = None
         self._shipper: threading.Thread | None = None

@@ -36,7 +36,6 @@ import ipaddress
 import shutil
 import socket
 import ssl
-import struct
 import tempfile
 import threading
 import time
@@ -50,6 +49,8 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+
+from mitm_sse.replay_server import reset_connection  # RST close, as the mock replays faults
 
 HOST = "127.0.0.1"
 
@@ -288,15 +289,6 @@ def make_tls_files(directory: str | Path) -> TLSFiles:
 
 class _ClientGone(Exception):
     pass
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST (not a FIN), so the peer sees a fault, not a clean end of body."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 def _reason(status: int) -> str:
@@ -617,7 +609,7 @@ class ScriptedServer:
                     return self.framing != "close"
                 for step in route.script:
                     if step[0] in ("abort", "rst_stream"):
-                        _reset(writer)
+                        reset_connection(writer)
                         outcome = "aborted"
                         return False
                     if step[0] == "stall":
@@ -639,7 +631,7 @@ class ScriptedServer:
                 return True
         except TimeoutError:
             outcome = "timeout"
-            _reset(writer)
+            reset_connection(writer)
             return False
         except ConnectionError:
             outcome = "client_gone"
@@ -769,7 +761,7 @@ class ScriptedServer:
                 resp.t_headers = time.monotonic()
                 for step in route.script:
                     if step[0] == "abort":
-                        _reset(writer)
+                        reset_connection(writer)
                         outcome = "aborted"
                         return
                     if step[0] == "rst_stream":
@@ -793,7 +785,7 @@ class ScriptedServer:
                 await flush()
         except TimeoutError:
             outcome = "timeout"
-            _reset(writer)
+            reset_connection(writer)
         except (ConnectionError, h2.exceptions.StreamClosedError):
             outcome = "client_gone"
         except h2.exceptions.ProtocolError:
