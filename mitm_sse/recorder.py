@@ -48,8 +48,6 @@ def headers_json(headers: http.Headers, redact: frozenset[str]) -> str:
         key = name.lower()
         if key in redact:
             value = REDACTED
-        elif not value.isascii():  # non-UTF-8 bytes arrive as surrogate escapes: store U+FFFD instead
-            value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         out[key] = f"{out[key]}, {value}" if key in out else value
     return json.dumps(out, ensure_ascii=False)
 
